@@ -1,0 +1,81 @@
+"""Stage-2 updates as PEFT LoRA adapters on a text encoder's fc2 layers."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Mapping
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+from peft.tuners.tuners_utils import BaseTunerLayer
+
+from .encoders import TextEncoderLayout
+from .stage2 import LowRankDelta
+
+
+def adapter_names(model: torch.nn.Module) -> set[str]:
+    """Names of the PEFT adapters injected into `model`."""
+    return set(getattr(model, "peft_config", {}) or {})
+
+
+def _tuner_layers(model: torch.nn.Module) -> list[tuple[str, BaseTunerLayer]]:
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
+
+
+def inject_lora_deltas(layout: TextEncoderLayout, deltas: Mapping[int, LowRankDelta], adapter_name: str) -> None:
+    """Adds `deltas` to a text encoder as the LoRA adapter `adapter_name` (alpha = rank: scale 1).
+
+    Adapters that were active stay active next to the new one.
+
+    Raises:
+        ValueError: if the text encoder already has an adapter of that name.
+    """
+    model = layout.model
+    if adapter_name in adapter_names(model):
+        raise ValueError(
+            f"The text encoder already has an adapter named {adapter_name!r}; pass another name or remove it first."
+        )
+    active = {name for _, layer in _tuner_layers(model) for name in layer.active_adapters}
+    paths = {layer: layout.fc2_path(layer) for layer in deltas}
+    ranks = {paths[layer]: delta.rank for layer, delta in deltas.items()}
+    config = LoraConfig(
+        r=max(ranks.values()),
+        lora_alpha=max(ranks.values()),
+        rank_pattern=ranks,
+        alpha_pattern=ranks,
+        target_modules=sorted(paths.values()),
+        lora_dropout=0.0,
+        init_lora_weights=False,
+    )
+    state_dict = {}
+    for layer, delta in deltas.items():
+        state_dict[f"{paths[layer]}.lora_A.weight"] = delta.down
+        state_dict[f"{paths[layer]}.lora_B.weight"] = delta.up
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            inject_adapter_in_model(config, model, adapter_name=adapter_name)
+            result = set_peft_model_state_dict(model, state_dict, adapter_name=adapter_name)
+        if result.unexpected_keys:
+            raise RuntimeError(f"PEFT did not place the adapter weights {result.unexpected_keys[:4]}.")
+    except Exception:
+        delete_lora_adapter(model, adapter_name)
+        raise
+    for _, layer in _tuner_layers(model):
+        layer.set_adapter(sorted(active | {adapter_name}))
+
+
+def delete_lora_adapter(model: torch.nn.Module, adapter_name: str) -> None:
+    """Removes the adapter `adapter_name`; a layer left with no adapter becomes its original module again."""
+    for path, layer in _tuner_layers(model):
+        if adapter_name not in getattr(layer, "lora_A", {}):
+            continue
+        layer.delete_adapter(adapter_name)
+        if not layer.lora_A:
+            parent_path, _, child = path.rpartition(".")
+            setattr(model.get_submodule(parent_path), child, layer.get_base_layer())
+    config = getattr(model, "peft_config", None)
+    if config is not None:
+        config.pop(adapter_name, None)
+        if not config:
+            del model.peft_config

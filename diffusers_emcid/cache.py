@@ -1,0 +1,98 @@
+"""Content-addressed on-disk caches of stage-1 vectors and key statistics.
+
+A file's name is a digest of everything its content depends on, so a changed model, prompt, seed,
+image or setting never finds a stale entry, and an interrupted run finds every entry it finished.
+Writes go to a temporary file that is renamed into place, so a file is either whole or absent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from huggingface_hub import constants
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+CACHE_FORMAT_VERSION = 1
+CACHE_ENV_VAR = "EMCID_CACHE"
+
+
+def default_cache_dir() -> Path:
+    """`$EMCID_CACHE`, else `emcid/` under the Hugging Face cache home (`$HF_HOME`)."""
+    return Path(os.environ.get(CACHE_ENV_VAR) or Path(constants.HF_HOME) / "emcid")
+
+
+def digest(*parts: Any) -> str:
+    """sha256 hex digest of a canonical JSON rendering of `parts`."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def fingerprint_module(module: nn.Module) -> str:
+    """sha256 over the names, shapes, dtypes and bytes of a module's base weights.
+
+    PEFT adapter weights are skipped and `base_layer.` is dropped from names, so a module with an
+    (unfused) adapter has the fingerprint of its base model.
+    """
+    hasher = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        if "lora_" in name:
+            continue
+        tensor = tensor.detach().cpu().contiguous()
+        hasher.update(f"{name.replace('base_layer.', '')}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        hasher.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return hasher.hexdigest()
+
+
+class TensorCache:
+    """A folder of safetensors files addressed by key, one subfolder per kind of entry.
+
+    Args:
+        root: the cache folder; `None` means `default_cache_dir()`.
+    """
+
+    def __init__(self, root: str | os.PathLike | None = None) -> None:
+        self.root = Path(root) if root is not None else default_cache_dir()
+
+    def path(self, kind: str, key: str) -> Path:
+        return self.root / kind / f"{key}.safetensors"
+
+    def load(self, kind: str, key: str) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+        """Returns `(tensors, metadata)` of an entry, or `None` if it is absent or unreadable."""
+        path = self.path(kind, key)
+        if not path.is_file():
+            return None
+        try:
+            with safe_open(str(path), framework="pt") as file:
+                metadata = file.metadata() or {}
+            return load_file(str(path)), metadata
+        except (SafetensorError, OSError, ValueError):
+            return None
+
+    def save(self, kind: str, key: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
+        """Writes an entry atomically (temporary file, then rename) and returns its path."""
+        path = self.path(kind, key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{key[:16]}.", suffix=".tmp")
+        os.close(handle)
+        try:
+            tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+            save_file(tensors, temporary, metadata={"format_version": str(CACHE_FORMAT_VERSION), **(metadata or {})})
+            os.replace(temporary, path)
+        finally:
+            if os.path.exists(temporary):
+                os.unlink(temporary)
+        return path
+
+    def find(self, kind: str, prefix: str) -> list[Path]:
+        """Entries of `kind` whose key starts with `prefix`, oldest first."""
+        folder = self.root / kind
+        if not folder.is_dir():
+            return []
+        return sorted(folder.glob(f"{prefix}*.safetensors"), key=lambda p: p.stat().st_mtime)

@@ -1,0 +1,192 @@
+"""Hyperparameters of EMCID and the presets that reproduce the paper's runs."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal, Sequence
+
+ResidualMode = Literal["paper", "memit"]
+LayerSpec = str | Sequence[int]
+
+
+def resolve_layers(spec: LayerSpec, num_layers: int) -> list[int]:
+    """Turns a layer spec into sorted layer indices of an encoder with `num_layers` layers.
+
+    Args:
+        spec: either a slice string `"start:stop"` over `range(num_layers)` (Python slice rules, so
+            `"0:-1"` is every layer but the last, and `"-5:-1"` the four layers before the last), or a
+            sequence of indices, where negative indices count from the end.
+        num_layers: the depth of the text encoder.
+
+    Returns:
+        The layer indices, ascending and without repeats.
+    """
+    if isinstance(spec, str):
+        parts = spec.split(":")
+        try:
+            bounds = [int(p) if p.strip() else None for p in parts]
+        except ValueError:
+            bounds = []
+        if len(bounds) != 2:
+            raise ValueError(f"layers={spec!r} is not a 'start:stop' slice; write e.g. '0:-1' or a list of ints.")
+        layers = list(range(num_layers))[slice(*bounds)]
+    else:
+        layers = []
+        for index in spec:
+            if isinstance(index, bool) or not isinstance(index, int):
+                raise TypeError(f"layers must hold ints, got {index!r} in {list(spec)!r}.")
+            if not -num_layers <= index < num_layers:
+                raise ValueError(
+                    f"layer {index} is out of range for a text encoder with {num_layers} layers; "
+                    f"use indices in [{-num_layers}, {num_layers - 1}] or a slice string like '0:-1'."
+                )
+            layers.append(index % num_layers)
+        layers = sorted(set(layers))
+    if not layers:
+        raise ValueError(f"layers={spec!r} selects no layer of a text encoder with {num_layers} layers.")
+    return layers
+
+
+@dataclass
+class EMCIDConfig:
+    """Every setting of an EMCID run. Symbols refer to the paper and to `emcid_spec.md`.
+
+    Stage 1 (one vector per concept, spec section 2):
+        layers: the text-encoder layers whose `mlp.fc2` is edited in stage 2, as a slice string over the
+            encoder's layers or a list of indices (negative from the end). `"0:-1"` is layers 0-10 of
+            CLIP-L (12 layers) and scales to any depth.
+        z_layer: the layer whose output (the residual stream) receives the stage-1 vector; `None` means
+            the last edited layer, as in the paper.
+        num_steps: Adam steps per concept (`v_num_grad_steps`).
+        learning_rate: Adam learning rate for delta (`v_lr`).
+        weight_decay: coefficient of `||delta|| / ||h0||^2` (`v_weight_decay`; the norm is not squared).
+        clamp_norm_factor: after every step delta is projected onto the ball of radius
+            `clamp_norm_factor * ||h0||`.
+        text_alignment_weight: weight beta of the MSE between the edited source and the destination
+            pooled text outputs (0 disables it).
+        samples_per_prompt: training images per prompt template.
+        image_num_inference_steps: denoising steps used to generate the training images.
+        image_guidance_scale: classifier-free guidance of the training-image generation.
+        image_resolution: side of the training images in pixels; `None` uses the pipeline's default.
+
+    Stage 2 (closed form, spec section 3):
+        preservation_weight: lambda, the weight of the key covariance C (`mom2_update_weight`).
+        edit_weight: alpha in `dW = alpha R K^T ((1-alpha) lambda C + alpha K K^T)^-1`, in (0, 1).
+        residual: `"paper"` uses R = z - (fc2 output of the layer), as the authors' code does; `"memit"`
+            uses R = z - (z-layer residual stream), MEMIT's consistent form.
+
+    Statistics (spec section 4):
+        statistics_num_samples: captions used for C (a fixed pseudo-random subset if more are given).
+        statistics_batch_size: captions per forward pass when computing C.
+
+    Runtime:
+        stage2_batch_size: prompts per forward pass when gathering stage-2 keys and values.
+        dtype: autocast dtype for the frozen networks in stage 1 (`"bfloat16"`, `"float16"`) or `None`
+            for the pipeline's own precision. Delta, its Adam state and the loss stay in float32.
+        device: where the work runs; `None` means the pipeline's device. Components are moved there for
+            the duration of a call and moved back afterwards.
+    """
+
+    layers: LayerSpec = "0:-1"
+    z_layer: int | None = None
+    num_steps: int = 200
+    learning_rate: float = 0.2
+    weight_decay: float = 5e-4
+    clamp_norm_factor: float = 1.5
+    text_alignment_weight: float = 0.01
+    samples_per_prompt: int = 1
+    image_num_inference_steps: int = 50
+    image_guidance_scale: float = 7.5
+    image_resolution: int | None = None
+    preservation_weight: float = 4000.0
+    edit_weight: float = 0.6
+    residual: ResidualMode = "paper"
+    statistics_num_samples: int = 100_000
+    statistics_batch_size: int = 100
+    stage2_batch_size: int = 256
+    dtype: str | None = None
+    device: str | None = None
+    preset: str | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.layers, str):
+            self.layers = tuple(self.layers)
+        positive_ints = ("num_steps", "samples_per_prompt", "image_num_inference_steps",
+                         "statistics_num_samples", "statistics_batch_size", "stage2_batch_size")
+        for name in positive_ints:
+            value = getattr(self, name)
+            minimum = 0 if name == "num_steps" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"EMCIDConfig.{name}={value!r} must be an int >= {minimum}.")
+        for name in ("learning_rate", "clamp_norm_factor", "preservation_weight"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"EMCIDConfig.{name}={getattr(self, name)!r} must be > 0.")
+        for name in ("weight_decay", "text_alignment_weight", "image_guidance_scale"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"EMCIDConfig.{name}={getattr(self, name)!r} must be >= 0.")
+        if not 0 < self.edit_weight < 1:
+            raise ValueError(
+                f"EMCIDConfig.edit_weight={self.edit_weight!r} must lie strictly between 0 and 1 "
+                "(alpha = 1 drops the preservation term and makes the stage-2 system singular)."
+            )
+        if self.residual not in ("paper", "memit"):
+            raise ValueError(f"EMCIDConfig.residual={self.residual!r} must be 'paper' or 'memit'.")
+        if self.dtype not in (None, "float32", "float16", "bfloat16"):
+            raise ValueError(f"EMCIDConfig.dtype={self.dtype!r} must be None, 'float32', 'float16' or 'bfloat16'.")
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "EMCIDConfig":
+        """Builds the config of a named preset (see `PRESETS`), with keyword overrides."""
+        if name not in PRESETS:
+            raise ValueError(f"Unknown EMCID preset {name!r}; choose one of {sorted(PRESETS)}.")
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise TypeError(f"EMCIDConfig has no field(s) {sorted(unknown)}.")
+        return cls(**{**PRESETS[name], "preset": name, **overrides})
+
+    def resolve_layers(self, num_layers: int) -> tuple[list[int], int]:
+        """Returns `(edited layers ascending, z layer)` for an encoder with `num_layers` layers."""
+        layers = resolve_layers(self.layers, num_layers)
+        if self.z_layer is None:
+            return layers, layers[-1]
+        (z_layer,) = resolve_layers([self.z_layer], num_layers)
+        if z_layer < layers[-1]:
+            raise ValueError(
+                f"z_layer={self.z_layer} lies before the last edited layer {layers[-1]}; the stage-1 vector "
+                "must sit at or after every edited layer."
+            )
+        return layers, z_layer
+
+    def stage1_settings(self, z_layer: int) -> dict[str, Any]:
+        """The settings a stage-1 vector depends on (its cache key); lambda and alpha are not among them."""
+        return {
+            "z_layer": z_layer,
+            "num_steps": self.num_steps,
+            "learning_rate": self.learning_rate,
+            "weight_decay": self.weight_decay,
+            "clamp_norm_factor": self.clamp_norm_factor,
+            "text_alignment_weight": self.text_alignment_weight,
+            "samples_per_prompt": self.samples_per_prompt,
+            "image_num_inference_steps": self.image_num_inference_steps,
+            "image_guidance_scale": self.image_guidance_scale,
+            "image_resolution": self.image_resolution,
+            "dtype": self.dtype,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        if not isinstance(self.layers, str):
+            data["layers"] = list(self.layers)
+        return data
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # SD 1.4 default of the authors' scripts (hparams `dest_s-200_c-1.5_ly-11_lr-0.2_wd-5e-04_txt-align-0.01`,
+    # lambda = 4000, alpha = 0.6 as in the AICE runs): layers 0-10 of CLIP-L, z layer 10.
+    "sd1-paper": dict(layers="0:-1", num_steps=200, learning_rate=0.2, weight_decay=5e-4, clamp_norm_factor=1.5,
+                      text_alignment_weight=0.01, preservation_weight=4000.0, edit_weight=0.6),
+    # Artist-style erasure (`..._ly-7-11_...`): layers 7-10 of CLIP-L, 100 steps, alpha = 0.5.
+    "sd1-artists": dict(layers="-5:-1", num_steps=100, learning_rate=0.2, weight_decay=5e-4, clamp_norm_factor=1.5,
+                        text_alignment_weight=0.01, preservation_weight=4000.0, edit_weight=0.5),
+}

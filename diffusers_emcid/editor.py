@@ -1,0 +1,234 @@
+"""`EMCIDEditor`: the entry point that runs statistics, stage 1 and stage 2 on a pipeline."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Iterable, Iterator
+
+import torch
+from diffusers import DDPMScheduler, DiffusionPipeline
+from peft.tuners.tuners_utils import BaseTunerLayer
+from tqdm.auto import tqdm
+
+from .cache import TensorCache, digest, fingerprint_module
+from .config import EMCIDConfig
+from .edits import ConceptEdits
+from .encoders import find_text_encoder_layout, module_device
+from .hooks import adapters_disabled, frozen
+from .requests import ConceptEdit, as_concept_edits
+from .stage1 import Stage1Result, optimize_concept_vector
+from .stage2 import compute_stage2_deltas
+from .statistics import CaptionSource, compute_key_second_moments, load_captions, sample_captions
+from .tokens import check_prompt_lengths, subject_token_positions
+
+logger = logging.getLogger(__name__)
+
+STAGE1_FORMAT = "emcid-stage1-v1"
+STATISTICS_FORMAT = "emcid-statistics-v1"
+
+
+class EMCIDEditor:
+    """Edits concepts of a Stable Diffusion pipeline's text encoder with EMCID.
+
+    The pipeline is never modified: `edit` returns `ConceptEdits`, which `ConceptEdits.apply` adds to
+    a pipeline as a LoRA adapter. Work is computed against the base weights (adapters of the pipeline
+    are switched off meanwhile).
+
+    Args:
+        pipe: a Stable Diffusion 1.x pipeline (CLIP text encoder, UNet, VAE, scheduler).
+        config: the hyperparameters; defaults to the `"sd1-paper"` preset.
+        cache_dir: where stage-1 vectors and key statistics are cached; defaults to `$EMCID_CACHE` or
+            `emcid/` under the Hugging Face cache home.
+        progress: show progress bars.
+
+    Example:
+        ```py
+        editor = EMCIDEditor(pipe)
+        editor.compute_statistics(captions)
+        edits = editor.edit([("dog", "cat")])
+        edits.apply(pipe)
+        ```
+    """
+
+    def __init__(
+        self,
+        pipe: DiffusionPipeline,
+        config: EMCIDConfig | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        progress: bool = True,
+    ) -> None:
+        if getattr(pipe, "text_encoder_2", None) is not None:
+            raise ValueError(
+                f"{type(pipe).__name__} has two text encoders (SD-XL); this version of diffusers-emcid edits pipelines "
+                "with one CLIP text encoder (Stable Diffusion 1.x)."
+            )
+        missing = [name for name in ("text_encoder", "tokenizer", "unet", "vae", "scheduler") if getattr(pipe, name, None) is None]
+        if missing:
+            raise ValueError(f"{type(pipe).__name__} lacks {missing}; EMCID needs a Stable Diffusion pipeline.")
+        self.pipe = pipe
+        self.config = config if config is not None else EMCIDConfig.from_preset("sd1-paper")
+        self.layout = find_text_encoder_layout(pipe.text_encoder)
+        self.layers, self.z_layer = self.config.resolve_layers(self.layout.num_layers)
+        self.cache = TensorCache(cache_dir)
+        self.progress = progress
+        self._covariances: dict[int, torch.Tensor] = {}
+        self._covariances_model: str | None = None
+
+    # ---------------------------------------------------------------- shared plumbing
+
+    @contextlib.contextmanager
+    def _base_model(self) -> Iterator[torch.device]:
+        """The pipeline's networks frozen, with adapters off, on the work device; all restored afterwards."""
+        modules = [self.pipe.text_encoder, self.pipe.unet, self.pipe.vae]
+        fused = [name for m in modules for name, layer in m.named_modules() if isinstance(layer, BaseTunerLayer) and layer.merged]
+        if fused:
+            raise ValueError(
+                f"The pipeline has fused LoRA weights (e.g. {fused[0]}); EMCID edits the base model. Call "
+                "pipe.unfuse_lora() (or unfuse_concept_edits()) first."
+            )
+        homes = [module_device(m) for m in modules]
+        device = torch.device(self.config.device) if self.config.device else homes[0]
+        with adapters_disabled(*modules), frozen(*modules):
+            try:
+                for module in modules:
+                    module.to(device)
+                yield device
+            finally:
+                for module, home in zip(modules, homes):
+                    module.to(home)
+
+    def _statistics_key(self, model_fingerprint: str, layer: int, captions_digest: str = "") -> str:
+        prefix = f"{model_fingerprint[:32]}-layer{layer}-"
+        return prefix + digest(STATISTICS_FORMAT, captions_digest)[:32] if captions_digest else prefix
+
+    # ---------------------------------------------------------------- statistics
+
+    def compute_statistics(
+        self,
+        captions: CaptionSource,
+        *,
+        column: str | None = None,
+        split: str = "train",
+        num_samples: int | None = None,
+    ) -> dict[int, torch.Tensor]:
+        """Computes (or loads from the cache) C = E[k k^T] of every edited layer on the unedited model.
+
+        Args:
+            captions: a list of captions, a `.txt`/`.json`/`.jsonl` file, or a `datasets` name (with `column`).
+            column: the caption field of JSON rows or dataset rows.
+            split: the dataset split.
+            num_samples: how many captions to use; defaults to `config.statistics_num_samples`.
+
+        Returns:
+            {layer: C (d_ff, d_ff) float32}.
+        """
+        texts = sample_captions(load_captions(captions, column, split), num_samples or self.config.statistics_num_samples)
+        captions_digest = digest(texts)
+        with self._base_model():
+            model_fingerprint = fingerprint_module(self.pipe.text_encoder)
+            keys = {layer: self._statistics_key(model_fingerprint, layer, captions_digest) for layer in self.layers}
+            covariances = {}
+            for layer, key in keys.items():
+                entry = self.cache.load("statistics", key)
+                if entry is not None:
+                    covariances[layer] = entry[0]["mom2"]
+            missing = [layer for layer in self.layers if layer not in covariances]
+            if missing:
+                computed, count = compute_key_second_moments(
+                    self.layout, self.pipe.tokenizer, texts, missing, self.config.statistics_batch_size, self.progress
+                )
+                for layer, covariance in computed.items():
+                    self.cache.save("statistics", keys[layer], {"mom2": covariance},
+                                    {"num_captions": str(len(texts)), "num_tokens": str(count), "layer": str(layer)})
+                covariances.update(computed)
+        self._covariances, self._covariances_model = covariances, model_fingerprint
+        return dict(covariances)
+
+    def _statistics_for(self, model_fingerprint: str) -> dict[int, torch.Tensor]:
+        """The covariances of this model: from memory, else the newest cached ones per layer."""
+        if self._covariances_model == model_fingerprint and all(layer in self._covariances for layer in self.layers):
+            return self._covariances
+        covariances, missing = {}, []
+        for layer in self.layers:
+            entries = self.cache.find("statistics", self._statistics_key(model_fingerprint, layer))
+            entry = self.cache.load("statistics", entries[-1].stem) if entries else None
+            if entry is None:
+                missing.append(layer)
+            else:
+                covariances[layer] = entry[0]["mom2"]
+        if missing:
+            raise ValueError(
+                f"No key statistics for layers {missing} of this text encoder. Call "
+                "editor.compute_statistics(captions) once with many captions (the paper used 100,000 CCS captions): a "
+                "list of strings, a .txt/.json/.jsonl file, or a dataset name with column='caption'. They are cached "
+                f"under {self.cache.root / 'statistics'} and found again by later runs."
+            )
+        self._covariances, self._covariances_model = covariances, model_fingerprint
+        return covariances
+
+    # ---------------------------------------------------------------- editing
+
+    def _check_requests(self, requests: list[ConceptEdit]) -> None:
+        tokenizer = self.pipe.tokenizer
+        for request in requests:
+            check_prompt_lengths(tokenizer, request.source_prompts + request.destination_prompts)
+            subject_token_positions(tokenizer, request.source_prompts, request.source)
+
+    def _stage1_key(self, request: ConceptEdit, model_digest: str) -> str:
+        return digest(STAGE1_FORMAT, model_digest, request.fingerprint(), self.config.stage1_settings(self.z_layer))
+
+    def edit(self, requests: Iterable[ConceptEdit | tuple[str, str]]) -> ConceptEdits:
+        """Computes the edits of all `requests` jointly; the pipeline's weights are not changed.
+
+        Stage-1 vectors are cached on disk by content, so a repeated or interrupted run recomputes only
+        what is missing.
+
+        Args:
+            requests: `ConceptEdit`s, or `(source, destination)` tuples with the default templates.
+
+        Returns:
+            The `ConceptEdits`; call `.apply(pipe)` to use them.
+
+        Raises:
+            ValueError / TypeError: for bad requests (before any heavy work), or when no key statistics exist.
+        """
+        requests = as_concept_edits(requests)
+        self._check_requests(requests)
+        with self._base_model() as device:
+            fingerprints = {name: fingerprint_module(getattr(self.pipe, name)) for name in ("text_encoder", "unet", "vae")}
+            covariances = self._statistics_for(fingerprints["text_encoder"])
+            model_digest = digest(fingerprints, dict(self.pipe.scheduler.config), sorted(self.pipe.tokenizer.get_vocab().items()))
+            noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
+            results: list[Stage1Result] = []
+            bar = tqdm(requests, desc="EMCID stage 1", unit="concept", disable=not self.progress)
+            for request in bar:
+                key = self._stage1_key(request, model_digest)
+                entry = self.cache.load("stage1", key)
+                if entry is not None:
+                    tensors = entry[0]
+                    result = Stage1Result(tensors["vector"], tensors["h0"], tensors["losses"])
+                else:
+                    result = optimize_concept_vector(
+                        self.pipe, self.layout, request, self.config, self.z_layer, noise_scheduler, device
+                    )
+                    self.cache.save("stage1", key, {"vector": result.vector, "h0": result.h0, "losses": result.losses},
+                                    {"source": request.source, "destination": request.destination})
+                results.append(result)
+                bar.set_postfix_str(f"{request.source!r} cached" if entry is not None else f"{request.source!r} done")
+            vectors = torch.stack([result.vector for result in results])
+            deltas = compute_stage2_deltas(
+                self.layout, self.pipe.tokenizer, requests, vectors, self.layers, self.z_layer, covariances,
+                self.config.edit_weight, self.config.preservation_weight, self.config.residual,
+                self.config.stage2_batch_size, self.progress,
+            )
+        return ConceptEdits(
+            requests=requests,
+            vectors=vectors,
+            deltas={"text_encoder": deltas},
+            config=self.config,
+            z_layer=self.z_layer,
+            base_model=getattr(self.pipe, "name_or_path", None) or None,
+            stage1_losses=[result.losses for result in results],
+        )

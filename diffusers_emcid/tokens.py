@@ -1,0 +1,90 @@
+"""Tokenising prompts and locating the subject token (the last token of the source words).
+
+The authors' code searches the decoded, space-stripped string, start-of-text marker included (spec
+section 1.3), which lets a destination like "art" match inside "<|startoftext|>". We locate the words
+in the prompt itself and map the characters to tokens with the fast tokenizer's offsets.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+
+@dataclass
+class TokenizedPrompts:
+    """A batch of prompts padded to its longest prompt (as in stages 1 and 2 of the paper).
+
+    Attributes:
+        input_ids: (B, T) token ids.
+        attention_mask: (B, T) ones on real tokens, zeros on padding.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+
+    def to(self, device: torch.device | str) -> "TokenizedPrompts":
+        return TokenizedPrompts(self.input_ids.to(device), self.attention_mask.to(device))
+
+
+def _word_pattern(words: str) -> re.Pattern[str]:
+    """Case-insensitive pattern for `words` with any run of spaces between them."""
+    return re.compile(r"\s+".join(re.escape(part) for part in words.split()), re.IGNORECASE)
+
+
+def _find_words(prompt: str, words: str) -> re.Match[str] | None:
+    """First whole-word occurrence of `words` in `prompt`, else the first occurrence inside a word."""
+    pattern = _word_pattern(words)
+    for match in pattern.finditer(prompt):
+        before = prompt[match.start() - 1] if match.start() else " "
+        after = prompt[match.end()] if match.end() < len(prompt) else " "
+        if not (before.isalnum() and match.group()[0].isalnum()) and not (after.isalnum() and match.group()[-1].isalnum()):
+            return match
+    return pattern.search(prompt)
+
+
+def check_prompt_lengths(tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> None:
+    """Raises a ValueError naming the first prompt longer than the tokenizer's maximum length."""
+    lengths = [len(ids) for ids in tokenizer(prompts).input_ids]
+    for prompt, length in zip(prompts, lengths):
+        if length > tokenizer.model_max_length:
+            raise ValueError(
+                f"The prompt {prompt!r} is {length} tokens long, over the text encoder's limit of "
+                f"{tokenizer.model_max_length}; shorten the template or the concept."
+            )
+
+
+def tokenize(tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> TokenizedPrompts:
+    """Tokenises prompts, padded to the longest one (start and end markers included)."""
+    batch = tokenizer(prompts, padding=True, truncation=True, return_tensors="pt")
+    return TokenizedPrompts(batch.input_ids, batch.attention_mask)
+
+
+def subject_token_positions(tokenizer: PreTrainedTokenizerBase, prompts: list[str], subject: str) -> list[int]:
+    """Index of the last token of the first occurrence of `subject` in each prompt (case-insensitive).
+
+    Raises:
+        ValueError: if a prompt does not contain `subject`, or its subject lies past the length limit.
+    """
+    positions = []
+    for prompt in prompts:
+        match = _find_words(prompt, subject)
+        if match is None:
+            raise ValueError(
+                f"The prompt {prompt!r} does not contain its source {subject!r}; every template must "
+                "contain '{}' so that the source is substituted into it."
+            )
+        if tokenizer.is_fast:
+            offsets = tokenizer(prompt, return_offsets_mapping=True, truncation=True).offset_mapping
+            covering = [i for i, (start, end) in enumerate(offsets) if end > start and start < match.end() and end > match.start()]
+            position = covering[-1] if covering else None
+        else:  # slow tokenizers: count the tokens of the prompt up to the end of the subject
+            ids = tokenizer(prompt[: match.end()], truncation=True).input_ids
+            position = len(ids) - 2 if len(ids) >= 3 else None
+        if position is None:
+            raise ValueError(f"The source {subject!r} of prompt {prompt!r} lies past the tokenizer's length limit.")
+        positions.append(position)
+    return positions
