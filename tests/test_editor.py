@@ -1,0 +1,151 @@
+import pytest
+import torch
+from transformers import BertConfig, BertModel
+
+from diffusers_emcid import ConceptEdit, EMCIDEditor
+from diffusers_emcid.encoders import find_text_encoder_layout
+
+from .conftest import CAPTIONS, assert_pipeline_unchanged, encode, hook_counts, model_state
+
+
+def test_edit_leaves_the_pipeline_untouched(editor, pipe):
+    pipe.unet.train()  # flags are restored too
+    state = model_state(pipe)
+    flags = [p.requires_grad for p in pipe.unet.parameters()]
+    edits = editor.edit([("dog", "cat"), ConceptEdit("Van Gogh", "art", templates=["painting by {}"], seed=7)])
+    assert_pipeline_unchanged(pipe, state)
+    assert pipe.unet.training and [p.requires_grad for p in pipe.unet.parameters()] == flags
+    assert all(p.grad is None for p in pipe.unet.parameters())
+    assert edits.concepts == [("dog", "cat"), ("Van Gogh", "art")]
+    assert sorted(edits.deltas["text_encoder"]) == editor.layers
+    assert edits.vectors.shape == (2, 32)
+
+
+def test_hooks_are_removed_when_edit_raises(editor, pipe, monkeypatch):
+    state = model_state(pipe)
+
+    def failing_solve(*args, **kwargs):
+        raise RuntimeError("solver exploded")
+
+    monkeypatch.setattr("diffusers_emcid.stage2.solve_layer_update", failing_solve)
+    with pytest.raises(RuntimeError, match="solver exploded"):
+        editor.edit([("dog", "cat")])
+    assert_pipeline_unchanged(pipe, state)
+
+    calls = []
+
+    def failing_unet(module, args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("unet exploded")
+
+    handle = pipe.unet.register_forward_pre_hook(failing_unet)
+    try:
+        with pytest.raises(RuntimeError, match="unet exploded"):
+            editor.edit([("apple", "banana")])
+        assert_pipeline_unchanged(pipe, state, hooks=1)
+    finally:
+        handle.remove()
+
+
+def test_apply_then_remove_restores_bitwise_and_matches_an_in_place_update(editor, pipe):
+    edits = editor.edit([("dog", "cat"), ("apple", "banana")])
+    prompts = ["a photo of a dog", "an apple on a tree", "a red car"]
+    state = model_state(pipe)
+    before = encode(pipe, prompts)
+
+    edits.apply(pipe)
+    applied = encode(pipe, prompts)
+    assert (applied[0] - before[0]).norm() > 1e-3 * before[0].norm(), "the edit did not change a prompt with its source"
+
+    layout = find_text_encoder_layout(pipe.text_encoder)
+    edits.remove(pipe)
+    assert_pipeline_unchanged(pipe, state)
+    assert torch.equal(encode(pipe, prompts), before)
+    assert not hasattr(pipe.text_encoder, "peft_config")
+
+    with torch.no_grad():
+        for layer, delta in edits.deltas["text_encoder"].items():
+            layout.fc2(layer).weight += delta.up @ delta.down
+    in_place = encode(pipe, prompts)
+    torch.testing.assert_close(applied, in_place, rtol=0, atol=1e-5)
+
+
+def test_apply_checks_before_changing_anything(editor, pipe):
+    edits = editor.edit([("dog", "cat")])
+    edits.apply(pipe, name="first")
+    state = model_state(pipe)
+    with pytest.raises(ValueError, match="already has an adapter named 'first'"):
+        edits.apply(pipe, name="first")
+    with pytest.raises(ValueError, match="no adapter named 'other'"):
+        edits.remove(pipe, name="other")
+    assert_pipeline_unchanged(pipe, state)
+    other = __import__("diffusers_emcid.testing", fromlist=["x"]).tiny_sd_pipeline(intermediate_size=48)
+    with pytest.raises(ValueError, match="made for another model"):
+        edits.apply(other)
+    assert not hasattr(other.text_encoder, "peft_config")
+
+
+def test_two_edit_sets_stay_active_together(editor, pipe):
+    dog = editor.edit([("dog", "cat")])
+    apple = editor.edit([("apple", "banana")])
+    prompts = ["a photo of a dog", "an apple"]
+    dog.apply(pipe, name="dog")
+    only_dog = encode(pipe, prompts)
+    apple.apply(pipe, name="apple")
+    both = encode(pipe, prompts)
+    dog.remove(pipe, name="dog")
+    only_apple = encode(pipe, prompts)
+    apple.remove(pipe, name="apple")
+    base = encode(pipe, prompts)
+    expected = only_dog + only_apple - base  # deltas add at each layer, so outputs are close to additive only
+    assert not torch.allclose(both, only_dog) and not torch.allclose(both, only_apple)
+    assert (both - expected).norm() < (both - base).norm()
+
+
+@pytest.mark.parametrize(
+    "make_requests, message",
+    [
+        (lambda: [("dog", "dog")], "the same"),
+        (lambda: [("", "cat")], "empty"),
+        (lambda: [(3, "cat")], "source must be a str"),
+        (lambda: [("dog", "cat"), ("DOG", "cow")], "both edit the source"),
+        (lambda: [ConceptEdit("dog", "cat", templates=["a photo of a dog"])], "must contain"),
+        (lambda: [ConceptEdit("dog", "cat", templates=["a photo of {} " + "with a red car " * 20])],
+         "over the text encoder's limit"),
+        (lambda: [ConceptEdit("dog", "cat", images=[torch.zeros(3, 8, 8)] * 2)], "2 images for 3 templates"),
+    ],
+)
+def test_bad_input_fails_fast_and_changes_nothing(editor, pipe, make_requests, message):
+    state = model_state(pipe)
+    calls = []
+    handle = pipe.unet.register_forward_pre_hook(lambda *args: calls.append(1))
+    try:
+        with pytest.raises((ValueError, TypeError), match=message):
+            editor.edit(make_requests())
+    finally:
+        handle.remove()
+    assert not calls, "heavy work ran before the bad input was noticed"
+    assert_pipeline_unchanged(pipe, state)
+
+
+def test_unsupported_text_encoder_is_a_clear_error(pipe, fast_config):
+    pipe.text_encoder = BertModel(BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1,
+                                             num_attention_heads=2, intermediate_size=32))
+    with pytest.raises(ValueError, match="BertModel; EMCID edits CLIP text encoders"):
+        EMCIDEditor(pipe, fast_config)
+
+
+def test_fused_lora_is_refused(editor, pipe):
+    edits = editor.edit([("dog", "cat")])
+    edits.apply(pipe)
+    for module in pipe.text_encoder.modules():
+        if hasattr(module, "merge") and hasattr(module, "lora_A"):
+            module.merge()
+    with pytest.raises(ValueError, match="fused LoRA weights"):
+        editor.edit([("apple", "banana")])
+
+
+def test_hooks_clean_after_statistics(pipe, fast_config, tmp_path):
+    EMCIDEditor(pipe, fast_config, cache_dir=tmp_path, progress=False).compute_statistics(CAPTIONS)
+    assert hook_counts(pipe) == 0

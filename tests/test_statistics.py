@@ -1,0 +1,96 @@
+import json
+
+import pytest
+import torch
+
+from diffusers_emcid import EMCIDEditor
+from diffusers_emcid.statistics import load_captions, sample_captions
+
+from .conftest import CAPTIONS
+
+
+def direct_second_moment(pipe, layout, layer, captions, include_padding_to=None):
+    """Mean of k k^T over every token of each caption, one caption at a time (no padding)."""
+    total, count = 0, 0
+    for caption in captions:
+        kwargs = dict(padding="max_length", max_length=include_padding_to) if include_padding_to else {}
+        ids = pipe.tokenizer(caption, return_tensors="pt", **kwargs).input_ids
+        store = {}
+        handle = layout.fc2(layer).register_forward_hook(lambda m, args, out: store.update(k=args[0][0].double()))
+        try:
+            with torch.no_grad():
+                pipe.text_encoder(ids)
+        finally:
+            handle.remove()
+        total = total + store["k"].T @ store["k"]
+        count += store["k"].shape[0]
+    return total / count
+
+
+def test_statistics_equal_a_direct_computation_without_padding(pipe, fast_config, tmp_path):
+    editor = EMCIDEditor(pipe, fast_config, cache_dir=tmp_path, progress=False)
+    editor.config.statistics_batch_size = 5  # batches mix caption lengths, so padding is present
+    covariances = editor.compute_statistics(CAPTIONS)
+    assert sorted(covariances) == editor.layers
+    for layer in (0, editor.layers[-1]):
+        expected = direct_second_moment(pipe, editor.layout, layer, CAPTIONS)
+        assert covariances[layer].dtype == torch.float32
+        torch.testing.assert_close(covariances[layer].double(), expected, rtol=1e-4, atol=1e-6)
+        with_padding = direct_second_moment(pipe, editor.layout, layer, CAPTIONS, include_padding_to=20)
+        assert not torch.allclose(covariances[layer].double(), with_padding, rtol=1e-3)
+
+
+def count_text_encoder_calls(pipe):
+    calls = []
+    handle = pipe.text_encoder.register_forward_pre_hook(lambda *args: calls.append(1))
+    return calls, handle
+
+
+def test_statistics_cache_is_reused_and_invalidated_by_weight_changes(pipe, fast_config, tmp_path):
+    editor = EMCIDEditor(pipe, fast_config, cache_dir=tmp_path, progress=False)
+    first = editor.compute_statistics(CAPTIONS)
+    calls, handle = count_text_encoder_calls(pipe)
+    try:
+        again = EMCIDEditor(pipe, fast_config, cache_dir=tmp_path, progress=False).compute_statistics(CAPTIONS)
+        assert not calls, "cached statistics were recomputed"
+        assert all(torch.equal(first[layer], again[layer]) for layer in first)
+        EMCIDEditor(pipe, fast_config, cache_dir=tmp_path, progress=False).compute_statistics(CAPTIONS[:-1])
+        assert calls, "another caption set reused the cache"
+        calls.clear()
+        with torch.no_grad():
+            editor.layout.layers[0].mlp.fc1.weight.mul_(1.1)
+        changed = EMCIDEditor(pipe, fast_config, cache_dir=tmp_path, progress=False).compute_statistics(CAPTIONS)
+        assert calls, "statistics of changed weights came from the cache"
+        assert not torch.equal(first[0], changed[0])
+    finally:
+        handle.remove()
+
+
+def test_edit_finds_cached_statistics_without_captions(pipe, fast_config, tmp_path):
+    EMCIDEditor(pipe, fast_config, cache_dir=tmp_path, progress=False).compute_statistics(CAPTIONS)
+    edits = EMCIDEditor(pipe, fast_config, cache_dir=tmp_path, progress=False).edit([("dog", "cat")])
+    assert len(edits) == 1
+
+
+def test_no_statistics_is_a_clear_error(pipe, fast_config, tmp_path):
+    editor = EMCIDEditor(pipe, fast_config, cache_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match=r"No key statistics for layers \[0, 1, 2, 3\].*compute_statistics\(captions\)"):
+        editor.edit([("dog", "cat")])
+
+
+def test_caption_sources(tmp_path):
+    text = tmp_path / "captions.txt"
+    text.write_text("a dog\n\na cat\n")
+    assert load_captions(text) == ["a dog", "a cat"]
+    lines = tmp_path / "captions.jsonl"
+    lines.write_text("\n".join(json.dumps({"text": c}) for c in ["a dog", "a cat"]))
+    assert load_captions(lines, column="text") == ["a dog", "a cat"]
+    listing = tmp_path / "captions.json"
+    listing.write_text(json.dumps(["a dog", "a cat"]))
+    assert load_captions(str(listing)) == ["a dog", "a cat"]
+    with pytest.raises(ValueError, match="not a file.*column='caption'"):
+        load_captions("no-such-file.txt")
+    with pytest.raises(ValueError, match="No captions"):
+        load_captions([])
+    subset = sample_captions([str(i) for i in range(100)], 10)
+    assert len(subset) == 10 and subset == sample_captions([str(i) for i in range(100)], 10)
