@@ -126,7 +126,7 @@ def main() -> None:
             "peak_rss_mb_process_so_far": round(peak_rss_mb(), 1),
         })
 
-    layers, z_layer = config.resolve_layers(len(pipe.text_encoder.config.to_dict() and editor.layout.layers))
+    layers, z_layer = config.resolve_layers(pipe.text_encoder.config.num_hidden_layers)
     print(json.dumps({
         "benchmark": "EMCID edit cost on diffusers_emcid.testing.mini_sd_pipeline() (random weights), CPU",
         "pipeline": "CLIP text encoder of SD 1.x shape (12 layers, d=768, d_ff=3072, vocabulary 49,408); small "

@@ -99,9 +99,10 @@ class EMCIDEditor:
                 for module, home in zip(modules, homes):
                     module.to(home)
 
-    def _statistics_key(self, model_fingerprint: str, layer: int, captions_digest: str = "") -> str:
-        prefix = f"{model_fingerprint[:32]}-layer{layer}-"
-        return prefix + digest(STATISTICS_FORMAT, captions_digest)[:32] if captions_digest else prefix
+    @staticmethod
+    def _statistics_prefix(model_fingerprint: str, layer: int) -> str:
+        """Statistics entries are named `{model}-layer{l}-{captions}`, so a model's entries can be listed."""
+        return f"{model_fingerprint[:32]}-layer{layer}-"
 
     # ---------------------------------------------------------------- statistics
 
@@ -128,7 +129,8 @@ class EMCIDEditor:
         captions_digest = digest(texts)
         with self._base_model():
             model_fingerprint = fingerprint_module(self.pipe.text_encoder)
-            keys = {layer: self._statistics_key(model_fingerprint, layer, captions_digest) for layer in self.layers}
+            suffix = digest(STATISTICS_FORMAT, captions_digest)[:32]
+            keys = {layer: self._statistics_prefix(model_fingerprint, layer) + suffix for layer in self.layers}
             covariances = {}
             for layer, key in keys.items():
                 entry = self.cache.load("statistics", key)
@@ -152,7 +154,7 @@ class EMCIDEditor:
             return self._covariances
         covariances, missing = {}, []
         for layer in self.layers:
-            entries = self.cache.find("statistics", self._statistics_key(model_fingerprint, layer))
+            entries = self.cache.find("statistics", self._statistics_prefix(model_fingerprint, layer))
             entry = self.cache.load("statistics", entries[-1].stem) if entries else None
             if entry is None:
                 missing.append(layer)

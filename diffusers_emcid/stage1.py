@@ -120,6 +120,12 @@ def training_images(pipe: DiffusionPipeline, request: ConceptEdit, config: EMCID
     return torch.stack(samples, dim=1)
 
 
+def _autocast(device: torch.device, dtype: str | None) -> torch.autocast:
+    """Mixed precision for the frozen networks when `dtype` is float16 or bfloat16; a no-op otherwise."""
+    enabled = dtype in ("float16", "bfloat16")
+    return torch.autocast(device.type, dtype=getattr(torch, dtype) if enabled else None, enabled=enabled)
+
+
 def _encode(layout: TextEncoderLayout, prompts: TokenizedPrompts) -> tuple[torch.Tensor, torch.Tensor]:
     """(last hidden state (B, T, d), pooled output (B, d)) of the text encoder."""
     output = layout.model(input_ids=prompts.input_ids, attention_mask=prompts.attention_mask)
@@ -139,8 +145,6 @@ def optimize_concept_vector(
     """Runs stage 1 for one concept on the live (frozen, unedited) pipeline; see the module docstring."""
     tokenizer, unet, vae = pipe.tokenizer, pipe.unet, pipe.vae
     draws = torch.Generator().manual_seed(int(digest("emcid-stage1-draws", request.resolved_seed)[:15], 16))
-    autocast_dtype = getattr(torch, config.dtype) if config.dtype not in (None, "float32") else None
-    autocast = lambda: torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)  # noqa: E731
 
     images = training_images(pipe, request, config).flatten(0, 1)  # (P * S, 3, R, R) in [0, 1]
     num_prompts, num_samples = len(request.templates), images.shape[0] // len(request.templates)
@@ -155,7 +159,7 @@ def optimize_concept_vector(
     destination = tokenize(tokenizer, request.destination_prompts).to(device)
     positions = torch.tensor(subject_token_positions(tokenizer, request.source_prompts, request.source), device=device)
     z_module = layout.layers[z_layer]
-    with torch.no_grad(), autocast():
+    with torch.no_grad(), _autocast(device, config.dtype):
         with captured_outputs({"z": z_module}, stop_at=z_module) as captured:
             run_until_stopped(layout.model, input_ids=source.input_ids, attention_mask=source.attention_mask)
         h0 = captured["z"][0, positions[0]].float()
@@ -175,7 +179,7 @@ def optimize_concept_vector(
         latents = latent_mean[prompt_index, chosen] + latent_std[prompt_index, chosen] * unit_noise.to(device)
         noisy = noise_scheduler.add_noise(latents * vae.config.scaling_factor, noise, timesteps).to(unet.dtype)
 
-        with autocast():
+        with _autocast(device, config.dtype):
             with residual_addition(z_module, positions, delta):
                 hidden, pooled = _encode(layout, source)
             prediction = unet(noisy, timesteps, encoder_hidden_states=hidden).sample
