@@ -3,16 +3,22 @@
 from .config import PRESETS, EMCIDConfig
 from .editor import EMCIDEditor
 from .edits import ConceptEdits
+from .loaders import PIPELINES_WITH_CONCEPT_EDITS, ConceptEditsLoaderMixin, add_concept_edit_methods
 from .requests import DEFAULT_TEMPLATES, ConceptEdit
+from .serialization import EMCIDFormatError
 from .stage2 import LowRankDelta
 
 __version__ = "0.1.0"
+
+add_concept_edit_methods(*PIPELINES_WITH_CONCEPT_EDITS)
 
 __all__ = [
     "DEFAULT_TEMPLATES",
     "PRESETS",
     "ConceptEdit",
     "ConceptEdits",
+    "ConceptEditsLoaderMixin",
+    "EMCIDFormatError",
     "EMCIDConfig",
     "EMCIDEditor",
     "LowRankDelta",

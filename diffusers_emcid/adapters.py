@@ -79,3 +79,21 @@ def delete_lora_adapter(model: torch.nn.Module, adapter_name: str) -> None:
         config.pop(adapter_name, None)
         if not config:
             del model.peft_config
+
+
+def layers_with_adapter(model: torch.nn.Module, adapter_name: str) -> list[tuple[str, BaseTunerLayer]]:
+    """The LoRA layers of `model` that hold the adapter `adapter_name`."""
+    return [(path, layer) for path, layer in _tuner_layers(model) if adapter_name in getattr(layer, "lora_A", {})]
+
+
+def set_adapter_active(model: torch.nn.Module, adapter_name: str, active: bool) -> None:
+    """Switches one adapter on or off, leaving the other adapters of each layer as they are."""
+    for _, layer in layers_with_adapter(model, adapter_name):
+        names = set(layer.active_adapters) - {adapter_name} | ({adapter_name} if active else set())
+        layer.set_adapter(sorted(names))
+
+
+def set_adapter_strength(model: torch.nn.Module, adapter_name: str, strength: float) -> None:
+    """Scales one adapter's update by `strength` (its alpha equals its rank, so the scaling is `strength`)."""
+    for _, layer in layers_with_adapter(model, adapter_name):
+        layer.set_scale(adapter_name, strength)

@@ -12,7 +12,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from huggingface_hub import constants
@@ -34,20 +34,26 @@ def digest(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def fingerprint_tensors(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """sha256 over the names, shapes, dtypes and bytes of named tensors, in the order given."""
+    hasher = hashlib.sha256()
+    for name, tensor in tensors:
+        tensor = tensor.detach().cpu().contiguous()
+        hasher.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        hasher.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return hasher.hexdigest()
+
+
 def fingerprint_module(module: nn.Module) -> str:
-    """sha256 over the names, shapes, dtypes and bytes of a module's base weights.
+    """Fingerprint of a module's base weights.
 
     PEFT adapter weights are skipped and `base_layer.` is dropped from names, so a module with an
     (unfused) adapter has the fingerprint of its base model.
     """
-    hasher = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        if "lora_" in name:
-            continue
-        tensor = tensor.detach().cpu().contiguous()
-        hasher.update(f"{name.replace('base_layer.', '')}{tuple(tensor.shape)}{tensor.dtype}".encode())
-        hasher.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return hasher.hexdigest()
+    state = module.state_dict()
+    return fingerprint_tensors(
+        (name.replace("base_layer.", ""), state[name]) for name in sorted(state) if "lora_" not in name
+    )
 
 
 class TensorCache:

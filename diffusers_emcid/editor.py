@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from .cache import TensorCache, digest, fingerprint_module
 from .config import EMCIDConfig
-from .edits import ConceptEdits
+from .edits import ConceptEdits, base_weights_fingerprint
 from .encoders import find_text_encoder_layout, module_device
 from .hooks import adapters_disabled, frozen
 from .requests import ConceptEdit, as_concept_edits
@@ -200,7 +200,7 @@ class EMCIDEditor:
         self._check_requests(requests)
         with self._base_model() as device:
             fingerprints = {name: fingerprint_module(getattr(self.pipe, name)) for name in ("text_encoder", "unet", "vae")}
-            covariances = self._statistics_for(fingerprints["text_encoder"])
+            self._statistics_for(fingerprints["text_encoder"])  # fail before stage 1 if there are none
             model_digest = digest(fingerprints, dict(self.pipe.scheduler.config), sorted(self.pipe.tokenizer.get_vocab().items()))
             noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
             results: list[Stage1Result] = []
@@ -220,17 +220,34 @@ class EMCIDEditor:
                 results.append(result)
                 bar.set_postfix_str(f"{request.source!r} cached" if entry is not None else f"{request.source!r} done")
             vectors = torch.stack([result.vector for result in results])
-            deltas = compute_stage2_deltas(
-                self.layout, self.pipe.tokenizer, requests, vectors, self.layers, self.z_layer, covariances,
-                self.config.edit_weight, self.config.preservation_weight, self.config.residual,
-                self.config.stage2_batch_size, self.progress,
-            )
+            edits = self._solve(requests, {"text_encoder": vectors}, fingerprints["text_encoder"])
+        edits.stage1_losses = [result.losses for result in results]
+        return edits
+
+    def solve(self, requests: list[ConceptEdit], vectors: dict[str, torch.Tensor]) -> ConceptEdits:
+        """Stage 2 alone: writes concepts with known stage-1 vectors into the text encoder's layers.
+
+        Args:
+            requests: the concepts (their prompts give the keys).
+            vectors: {"text_encoder": Z (N, d)}, one row per request.
+        """
+        with self._base_model():
+            return self._solve(requests, vectors, fingerprint_module(self.pipe.text_encoder))
+
+    def _solve(self, requests: list[ConceptEdit], vectors: dict[str, torch.Tensor], model_fingerprint: str) -> ConceptEdits:
+        """`solve` inside `_base_model()`, for a text encoder of known fingerprint."""
+        covariances = self._statistics_for(model_fingerprint)
+        deltas = compute_stage2_deltas(
+            self.layout, self.pipe.tokenizer, requests, vectors["text_encoder"], self.layers, self.z_layer,
+            covariances, self.config.edit_weight, self.config.preservation_weight, self.config.residual,
+            self.config.stage2_batch_size, self.progress,
+        )
         return ConceptEdits(
-            requests=requests,
-            vectors=vectors,
+            requests=list(requests),
+            vectors={name: v.float().cpu() for name, v in vectors.items()},
             deltas={"text_encoder": deltas},
             config=self.config,
             z_layer=self.z_layer,
             base_model=getattr(self.pipe, "name_or_path", None) or None,
-            stage1_losses=[result.losses for result in results],
+            base_fingerprints={"text_encoder": base_weights_fingerprint(self.layout, self.layers)},
         )

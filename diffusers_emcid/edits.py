@@ -1,17 +1,56 @@
-"""`ConceptEdits`: the result of an EMCID run, and how it goes into (and out of) a pipeline."""
+"""`ConceptEdits`: the result of an EMCID run, how it goes into and out of a pipeline, and how it is shared."""
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import os
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
 
 import torch
 from diffusers import DiffusionPipeline
+from huggingface_hub import HfApi, snapshot_download
 
 from .adapters import adapter_names, delete_lora_adapter, inject_lora_deltas
+from .cache import fingerprint_tensors
+from .card import render_model_card
 from .config import EMCIDConfig
-from .encoders import find_text_encoder_layout
+from .encoders import TextEncoderLayout, find_text_encoder_layout
 from .requests import ConceptEdit
+from .serialization import (
+    FILE_NAMES,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    STORAGE_DTYPES,
+    EMCIDFormatError,
+    max_abs_error,
+    read_adapter_folder,
+    storage_factors,
+    write_adapter_folder,
+)
 from .stage2 import LowRankDelta
+
+logger = logging.getLogger(__name__)
+
+
+def base_weights_fingerprint(layout: TextEncoderLayout, layers: Iterable[int]) -> str:
+    """Fingerprint of the base weights of the fc2 modules of `layers` (adapters ignored; names by layer
+    index, so it does not depend on the transformers version)."""
+    return fingerprint_tensors(
+        (f"layer{layer}.{name}", tensor)
+        for layer in sorted(layers)
+        for name, tensor in sorted(layout.fc2(layer).state_dict().items())
+    )
+
+
+def _shareable_model_id(base_model: str | None) -> str | None:
+    """A Hub model id, or `None` for a local path (which must not leave the user's machine)."""
+    if not base_model or os.path.isabs(base_model) or os.path.exists(base_model) or base_model.startswith((".", "~")):
+        return None
+    return base_model
 
 
 @dataclass
@@ -20,19 +59,21 @@ class ConceptEdits:
 
     Attributes:
         requests: the N edited concepts.
-        vectors: the stage-1 vectors z, (N, d), one per request.
+        vectors: pipeline component -> the stage-1 vectors z, (N, d), one row per request.
         deltas: pipeline component (`"text_encoder"`) -> layer index -> `LowRankDelta` of that layer's fc2.
         config: the settings of the run.
         z_layer: the layer whose output the vectors live at.
         base_model: the name or path of the pipeline the edits were computed on, if known.
+        base_fingerprints: component -> fingerprint of the base weights of its edited fc2 modules.
     """
 
     requests: list[ConceptEdit]
-    vectors: torch.Tensor
+    vectors: dict[str, torch.Tensor]
     deltas: dict[str, dict[int, LowRankDelta]]
     config: EMCIDConfig
     z_layer: int
     base_model: str | None = None
+    base_fingerprints: dict[str, str] = field(default_factory=dict)
     stage1_losses: list[torch.Tensor] = field(default_factory=list, repr=False)
 
     def __len__(self) -> int:
@@ -49,37 +90,52 @@ class ConceptEdits:
         """The (source, destination) pairs."""
         return [(request.source, request.destination) for request in self.requests]
 
-    def _check_fits(self, pipe: DiffusionPipeline) -> None:
+    # ------------------------------------------------------------------ pipeline
+
+    def check_fits(self, pipe: DiffusionPipeline, force: bool = False) -> None:
+        """Raises a ValueError if the edits do not fit `pipe` (shapes), or were made on other base weights
+        (fingerprint) unless `force`."""
         for component, deltas in self.deltas.items():
             layout = find_text_encoder_layout(getattr(pipe, component, None), component)
             for layer, delta in deltas.items():
                 if not 0 <= layer < layout.num_layers:
                     raise ValueError(
-                        f"These edits change layer {layer} of the {component}, which has only {layout.num_layers} layers; "
-                        "they were made for another model."
+                        f"These edits change layer {layer} of the {component}, which has only {layout.num_layers} "
+                        "layers; they were made for another model."
                     )
                 weight = layout.fc2(layer).weight
                 if (delta.up.shape[0], delta.down.shape[1]) != tuple(weight.shape):
                     raise ValueError(
-                        f"The update of {component} layer {layer} has shape {(delta.up.shape[0], delta.down.shape[1])} but its "
-                        f"fc2 weight is {tuple(weight.shape)}; these edits were made for another model."
+                        f"The update of {component} layer {layer} has shape {(delta.up.shape[0], delta.down.shape[1])} "
+                        f"but its fc2 weight is {tuple(weight.shape)}; these edits were made for another model."
                     )
+            expected = self.base_fingerprints.get(component)
+            if expected and not force and base_weights_fingerprint(layout, deltas) != expected:
+                raise ValueError(
+                    f"These edits were made on other base weights of the {component} (base model "
+                    f"{self.base_model or 'unknown'}); applying them elsewhere gives unpredictable results. Pass "
+                    "force=True to apply them anyway."
+                )
 
-    def apply(self, pipe: DiffusionPipeline, name: str = "emcid") -> None:
+    def apply(self, pipe: DiffusionPipeline, name: str = "emcid", force: bool = False) -> None:
         """Adds the edits to `pipe` as the PEFT LoRA adapter `name` on the edited fc2 layers.
 
-        Other active adapters stay active. Nothing is changed if the edits do not fit the pipeline
-        or the name is taken.
+        Other active adapters stay active. Nothing is changed if the edits do not fit the pipeline or
+        the name is taken.
+
+        Args:
+            pipe: the pipeline.
+            name: the adapter name.
+            force: apply even if the pipeline's base weights differ from those the edits were made on.
         """
-        self._check_fits(pipe)
+        self.check_fits(pipe, force)
         for component in self.deltas:
             if name in adapter_names(getattr(pipe, component)):
                 raise ValueError(f"The pipeline's {component} already has an adapter named {name!r}; use another name.")
         done: list[str] = []
         try:
             for component, deltas in self.deltas.items():
-                layout = find_text_encoder_layout(getattr(pipe, component), component)
-                inject_lora_deltas(layout, deltas, name)
+                inject_lora_deltas(find_text_encoder_layout(getattr(pipe, component), component), deltas, name)
                 done.append(component)
         except Exception:
             for component in done:
@@ -93,3 +149,162 @@ class ConceptEdits:
             raise ValueError(f"The pipeline's {missing[0]} has no adapter named {name!r}; nothing to remove.")
         for component in self.deltas:
             delete_lora_adapter(getattr(pipe, component), name)
+
+    # ------------------------------------------------------------------ combining
+
+    def _resolve(self, requests: list[ConceptEdit], vectors: dict[str, torch.Tensor], pipe: DiffusionPipeline) -> "ConceptEdits":
+        from .editor import EMCIDEditor
+
+        editor = EMCIDEditor(pipe, self.config, progress=False)
+        if editor.z_layer != self.z_layer:
+            raise ValueError(f"These edits' vectors live at layer {self.z_layer}, but the config resolves to {editor.z_layer} on this pipeline.")
+        return editor.solve(requests, vectors)
+
+    def merge(self, other: "ConceptEdits", pipe: DiffusionPipeline) -> "ConceptEdits":
+        """One edit set with the concepts of both, solved jointly by stage 2 from the stored vectors (no stage 1).
+
+        `pipe` must be the base pipeline the edits were made on; its key statistics must be in the cache.
+        """
+        for edits in (self, other):
+            if set(edits.vectors) != set(edits.deltas):
+                raise ValueError("These edits carry no stage-1 vectors, so they cannot be re-solved.")
+        layers = lambda edits: (edits.z_layer, {c: sorted(d) for c, d in edits.deltas.items()})  # noqa: E731
+        if layers(self) != layers(other):
+            raise ValueError(f"The two edit sets change different layers ({layers(self)} and {layers(other)}); they cannot be merged.")
+        vectors = {c: torch.cat([self.vectors[c], other.vectors[c]]) for c in self.vectors}
+        return self._resolve(self.requests + other.requests, vectors, pipe)
+
+    def without(self, sources: Iterable[str], pipe: DiffusionPipeline) -> "ConceptEdits":
+        """The edit set minus the concepts with these sources (case-insensitive), re-solved by stage 2."""
+        drop = {" ".join(s.lower().split()) for s in sources}
+        keep = [i for i, r in enumerate(self.requests) if " ".join(r.source.lower().split()) not in drop]
+        unknown = drop - {" ".join(r.source.lower().split()) for r in self.requests}
+        if unknown:
+            raise ValueError(f"No concept with source(s) {sorted(unknown)} in these edits; they edit {[r.source for r in self.requests]}.")
+        if not keep:
+            raise ValueError("Removing these sources leaves no concept; use remove()/unload instead.")
+        vectors = {c: v[keep] for c, v in self.vectors.items()}
+        return self._resolve([self.requests[i] for i in keep], vectors, pipe)
+
+    # ------------------------------------------------------------------ files and the Hub
+
+    def manifest(self, storage_dtype: str = "float32", storage_error: float = 0.0, shareable: bool = False) -> dict[str, Any]:
+        """The JSON-ready description stored next to the weights."""
+        from . import __version__
+
+        components = {}
+        for component, deltas in self.deltas.items():
+            any_delta = next(iter(deltas.values()))
+            components[component] = {
+                "layers": sorted(deltas),
+                "hidden_size": any_delta.up.shape[0],
+                "intermediate_size": any_delta.down.shape[1],
+                "base_fingerprint": self.base_fingerprints.get(component),
+            }
+        return {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "library_version": __version__,
+            "base_model": _shareable_model_id(self.base_model) if shareable else self.base_model,
+            "concepts": [request.to_dict() for request in self.requests],
+            "config": self.config.to_dict(),
+            "z_layer": self.z_layer,
+            "components": components,
+            "storage_dtype": storage_dtype,
+            "storage_max_abs_error": storage_error,
+        }
+
+    def save_pretrained(self, save_directory: str | os.PathLike, dtype: torch.dtype | str = torch.float32) -> Path:
+        """Writes the edits to a folder that `from_pretrained`, `pipe.load_concept_edits` and plain
+        `pipe.load_lora_weights` read. The write is atomic: an interrupted save leaves no half-written adapter.
+
+        Args:
+            save_directory: the folder (created if needed).
+            dtype: storage precision of the factors, `torch.float32` (exact), `float16` or `bfloat16`; the largest
+                resulting error of a weight update is logged and recorded in the manifest.
+
+        Returns:
+            The folder.
+        """
+        return self._write(Path(save_directory), dtype, shareable=False)
+
+    def _write(self, folder: Path, dtype: torch.dtype | str, shareable: bool) -> Path:
+        dtype_name = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
+        if dtype_name not in STORAGE_DTYPES:
+            raise ValueError(f"dtype={dtype!r} is not a storage precision; use one of {sorted(STORAGE_DTYPES)}.")
+        stored = {c: {l: storage_factors(d, STORAGE_DTYPES[dtype_name]) for l, d in ds.items()} for c, ds in self.deltas.items()}
+        error = max_abs_error(self.deltas, stored) if dtype_name != "float32" else 0.0
+        if error:
+            logger.warning("Stored the edits in %s: largest absolute error of a weight update %.3g.", dtype_name, error)
+        manifest = self.manifest(dtype_name, error, shareable=shareable)
+        card = render_model_card(self.requests, manifest["base_model"], {c: sorted(d) for c, d in self.deltas.items()})
+        write_adapter_folder(folder, stored, self.vectors, manifest, card, STORAGE_DTYPES[dtype_name])
+        return folder
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        repo_or_dir: str | os.PathLike,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+        force_download: bool = False,
+    ) -> "ConceptEdits":
+        """Reads edits from a local folder or a Hub model repo (safetensors only).
+
+        Raises:
+            EMCIDFormatError: for a malformed, incomplete or newer-format adapter.
+        """
+        folder = Path(repo_or_dir)
+        if not folder.is_dir():
+            folder = Path(snapshot_download(
+                str(repo_or_dir), revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only,
+                force_download=force_download, allow_patterns=list(FILE_NAMES),
+            ))
+        deltas, vectors, manifest = read_adapter_folder(folder)
+        known = {f.name for f in dataclasses.fields(EMCIDConfig)}
+        try:
+            config = EMCIDConfig(**{k: v for k, v in dict(manifest.get("config") or {}).items() if k in known})
+            requests = [
+                ConceptEdit(c["source"], c["destination"], tuple(c["templates"]), c["seed"], None, bool(c.get("text_alignment", True)))
+                for c in manifest["concepts"]
+            ]
+        except (TypeError, ValueError) as error:
+            raise EMCIDFormatError(f"The manifest of {repo_or_dir} describes invalid concepts or settings: {error}") from error
+        z_layer = manifest.get("z_layer")
+        if not isinstance(z_layer, int) or isinstance(z_layer, bool):
+            raise EMCIDFormatError(f"The manifest of {repo_or_dir} has no valid z_layer.")
+        fingerprints = {c: info["base_fingerprint"] for c, info in manifest["components"].items() if isinstance(info.get("base_fingerprint"), str)}
+        base_model = manifest.get("base_model")
+        return cls(requests=requests, vectors=vectors or {}, deltas=deltas, config=config, z_layer=z_layer,
+                   base_model=base_model if isinstance(base_model, str) else None, base_fingerprints=fingerprints)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        private: bool = False,
+        token: str | None = None,
+        revision: str | None = None,
+        commit_message: str | None = None,
+        dtype: torch.dtype | str = torch.float32,
+    ) -> str:
+        """Uploads the edits (weights, manifest, vectors, model card) to a Hub model repo in one commit.
+
+        The repo (and the branch `revision`) is created if needed. Local paths are not written into the
+        pushed manifest or card.
+
+        Returns:
+            The URL of the commit.
+        """
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        if revision is not None and revision != "main":
+            api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
+        with tempfile.TemporaryDirectory() as staging:
+            folder = self._write(Path(staging) / "edits", dtype, shareable=True)
+            info = api.upload_folder(
+                repo_id=repo_id, folder_path=folder, revision=revision, repo_type="model",
+                commit_message=commit_message or f"Add {len(self)} EMCID concept edit(s)",
+            )
+        return info.commit_url

@@ -18,7 +18,7 @@ def test_edit_leaves_the_pipeline_untouched(editor, pipe):
     assert all(p.grad is None for p in pipe.unet.parameters())
     assert edits.concepts == [("dog", "cat"), ("Van Gogh", "art")]
     assert sorted(edits.deltas["text_encoder"]) == editor.layers
-    assert edits.vectors.shape == (2, 32)
+    assert edits.vectors["text_encoder"].shape == (2, 32)
 
 
 def test_hooks_are_removed_when_edit_raises(editor, pipe, monkeypatch):

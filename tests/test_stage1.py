@@ -102,4 +102,4 @@ def test_cache_is_shared_across_editors_and_vectors_do_not_depend_on_batch_compa
     fresh = EMCIDEditor(pipe, editor.config, cache_dir=tmp_path / "other", progress=False)
     fresh.compute_statistics(["a photo of a house"])
     together = fresh.edit([("apple", "banana"), ("dog", "cat")])
-    assert torch.equal(alone.vectors[0], together.vectors[1])
+    assert torch.equal(alone.vectors["text_encoder"][0], together.vectors["text_encoder"][1])

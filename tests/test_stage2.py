@@ -106,7 +106,7 @@ def test_memit_residual_reaches_its_targets_and_spares_other_prompts(tmp_path):
 
     deltas = compute_stage2_deltas(editor.layout, pipe.tokenizer, requests, targets.float(), editor.layers,
                                    editor.z_layer, covariances, 0.5, 10.0, "memit", progress=False)
-    ConceptEdits(requests, targets.float(), {"text_encoder": deltas}, config, editor.z_layer).apply(pipe)
+    ConceptEdits(requests, {"text_encoder": targets.float()}, {"text_encoder": deltas}, config, editor.z_layer).apply(pipe)
 
     after = z_states(prompts)[0][rows, positions]
     relative_error = ((after - targets).norm(dim=1) / (targets - before).norm(dim=1)).max().item()

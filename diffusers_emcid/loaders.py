@@ -1,0 +1,209 @@
+"""Pipeline methods for concept edits: load, weight, toggle, fuse and unload them like LoRAs.
+
+`import diffusers_emcid` adds these methods to diffusers' Stable Diffusion pipelines; subclass
+`ConceptEditsLoaderMixin` to give them to a pipeline class of your own. The edits are PEFT LoRA
+adapters on the text encoders, so diffusers' own LoRA controls (`set_adapters`, `disable_lora`,
+`delete_adapters`, ...) act on them too, and other LoRAs loaded before or after coexist with them;
+these methods touch only the concept-edit adapters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import torch
+from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline
+
+from .adapters import adapter_names, delete_lora_adapter, layers_with_adapter, set_adapter_active, set_adapter_strength
+from .edits import ConceptEdits
+
+
+@dataclass
+class LoadedConceptEdits:
+    """The state of one concept-edit adapter in a pipeline."""
+
+    edits: ConceptEdits
+    strength: float = 1.0
+    enabled: bool = True
+    fused_weights: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def fused(self) -> bool:
+        return bool(self.fused_weights)
+
+
+class ConceptEditsLoaderMixin:
+    """Adds `load_concept_edits` and the controls of loaded edits to a diffusers pipeline."""
+
+    def _concept_edits(self) -> dict[str, LoadedConceptEdits]:
+        """The loaded concept edits by adapter name (adapters deleted by other means are forgotten)."""
+        state = self.__dict__.setdefault("_emcid_loaded_edits", {})
+        for name in list(state):
+            if not all(name in adapter_names(getattr(self, c)) for c in state[name].edits.deltas):
+                del state[name]
+        return state
+
+    def _select(self, adapter_names: str | Sequence[str] | None) -> list[str]:
+        loaded = self._concept_edits()
+        names = list(loaded) if adapter_names is None else [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        unknown = [name for name in names if name not in loaded]
+        if unknown:
+            raise ValueError(f"No concept edits named {unknown} are loaded; loaded: {sorted(loaded)}.")
+        return names
+
+    def load_concept_edits(
+        self,
+        edits: ConceptEdits | str | os.PathLike,
+        adapter_name: str | None = None,
+        strength: float = 1.0,
+        force: bool = False,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+    ) -> str:
+        """Loads concept edits (a `ConceptEdits`, a local folder or a Hub repo id) as a LoRA adapter.
+
+        Args:
+            edits: what to load.
+            adapter_name: the adapter's name; defaults to the folder or repo name.
+            strength: the scale of the edits (1 is the edit as computed).
+            force: load even if the edits were made on other base weights.
+            revision, token, cache_dir, local_files_only: Hub download options.
+
+        Returns:
+            The adapter name.
+
+        Raises:
+            EMCIDFormatError: for a malformed file; ValueError: for edits that do not fit this pipeline or
+            a taken name. The pipeline is unchanged in both cases.
+        """
+        if not isinstance(edits, ConceptEdits):
+            source = edits
+            edits = ConceptEdits.from_pretrained(source, revision=revision, token=token, cache_dir=cache_dir,
+                                                 local_files_only=local_files_only)
+            default_name = re.sub(r"[^\w-]", "_", os.path.basename(os.path.normpath(str(source)))) or "concept_edits"
+        else:
+            default_name = "concept_edits"
+        taken = set().union(*(adapter_names(getattr(self, c)) for c in edits.deltas if getattr(self, c, None) is not None))
+        if adapter_name is None:
+            adapter_name, suffix = default_name, 2
+            while adapter_name in taken:
+                adapter_name, suffix = f"{default_name}_{suffix}", suffix + 1
+        edits.apply(self, adapter_name, force=force)
+        self._concept_edits()[adapter_name] = LoadedConceptEdits(edits)
+        if strength != 1.0:
+            self.set_concept_edits(adapter_name, strength)
+        return adapter_name
+
+    def set_concept_edits(self, adapter_names: str | Sequence[str], strengths: float | Sequence[float] = 1.0) -> None:
+        """Sets the strength of loaded concept edits (and enables them); other adapters are left alone."""
+        names = self._select(adapter_names)
+        values = [strengths] * len(names) if isinstance(strengths, (int, float)) else list(strengths)
+        if len(values) != len(names):
+            raise ValueError(f"Got {len(values)} strengths for {len(names)} concept edits {names}.")
+        loaded = self._concept_edits()
+        for name in names:
+            if loaded[name].fused:
+                raise ValueError(f"The concept edits {name!r} are fused; call unfuse_concept_edits() before changing them.")
+        for name, value in zip(names, values):
+            for component in loaded[name].edits.deltas:
+                set_adapter_strength(getattr(self, component), name, float(value))
+            loaded[name].strength = float(value)
+        self.enable_concept_edits(names)
+
+    def _set_enabled(self, adapter_names: str | Sequence[str] | None, enabled: bool) -> None:
+        loaded = self._concept_edits()
+        for name in self._select(adapter_names):
+            if loaded[name].fused:
+                raise ValueError(f"The concept edits {name!r} are fused; call unfuse_concept_edits() first.")
+            for component in loaded[name].edits.deltas:
+                set_adapter_active(getattr(self, component), name, enabled)
+            loaded[name].enabled = enabled
+
+    def enable_concept_edits(self, adapter_names: str | Sequence[str] | None = None) -> None:
+        """Turns loaded concept edits on (all of them by default)."""
+        self._set_enabled(adapter_names, True)
+
+    def disable_concept_edits(self, adapter_names: str | Sequence[str] | None = None) -> None:
+        """Turns loaded concept edits off (all of them by default); the pipeline then draws as without them."""
+        self._set_enabled(adapter_names, False)
+
+    @contextlib.contextmanager
+    def concept_edits_disabled(self, adapter_names: str | Sequence[str] | None = None) -> Iterator[None]:
+        """Within the block, the (given or all) concept edits are off; afterwards they are as before."""
+        loaded = self._concept_edits()
+        names = [name for name in self._select(adapter_names) if loaded[name].enabled]
+        self.disable_concept_edits(names)
+        try:
+            yield
+        finally:
+            self.enable_concept_edits([name for name in names if name in self._concept_edits()])
+
+    def fuse_concept_edits(self, adapter_names: str | Sequence[str] | None = None) -> None:
+        """Merges enabled concept edits into the text-encoder weights (faster inference); exactly undone by
+        `unfuse_concept_edits`."""
+        loaded = self._concept_edits()
+        for name in self._select(adapter_names):
+            state = loaded[name]
+            if state.fused or not state.enabled:
+                continue
+            layers = [(c, path, layer) for c in state.edits.deltas for path, layer in layers_with_adapter(getattr(self, c), name)]
+            busy = [f"{c}.{path}" for c, path, layer in layers if layer.merged]
+            if busy:
+                raise ValueError(f"Other adapters are fused into {busy[0]}; unfuse them before fusing {name!r}.")
+            for component, path, layer in layers:
+                state.fused_weights[(component, path)] = layer.get_base_layer().weight.detach().clone()
+                layer.merge(adapter_names=[name])
+
+    def unfuse_concept_edits(self, adapter_names: str | Sequence[str] | None = None) -> None:
+        """Undoes `fuse_concept_edits`, restoring the saved base weights bit for bit."""
+        loaded = self._concept_edits()
+        for name in self._select(adapter_names):
+            state = loaded[name]
+            for (component, path), weight in state.fused_weights.items():
+                layer = getattr(self, component).get_submodule(path)
+                if layer.merged:
+                    layer.unmerge()
+                with torch.no_grad():
+                    layer.get_base_layer().weight.copy_(weight)
+            state.fused_weights.clear()
+
+    def unload_concept_edits(self, adapter_names: str | Sequence[str] | None = None) -> None:
+        """Removes concept edits (all of them by default); the text encoders get their base weights back."""
+        names = self._select(adapter_names)
+        self.unfuse_concept_edits(names)
+        loaded = self._concept_edits()
+        for name in names:
+            for component in loaded.pop(name).edits.deltas:
+                delete_lora_adapter(getattr(self, component), name)
+
+    def get_concept_edits(self) -> dict[str, dict[str, Any]]:
+        """The loaded concept edits: {adapter name: {concepts, strength, enabled, fused, components, base_model}}."""
+        return {
+            name: {
+                "concepts": state.edits.concepts,
+                "strength": state.strength,
+                "enabled": state.enabled,
+                "fused": state.fused,
+                "components": sorted(state.edits.deltas),
+                "base_model": state.edits.base_model,
+            }
+            for name, state in self._concept_edits().items()
+        }
+
+
+PIPELINES_WITH_CONCEPT_EDITS = (StableDiffusionPipeline, StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline)
+_METHODS = [name for name in vars(ConceptEditsLoaderMixin) if not name.startswith("__")]
+
+
+def add_concept_edit_methods(*pipeline_classes: type) -> None:
+    """Gives pipeline classes the methods of `ConceptEditsLoaderMixin` (skipping names they already define)."""
+    for cls in pipeline_classes:
+        for name in _METHODS:
+            if name not in vars(cls):
+                setattr(cls, name, vars(ConceptEditsLoaderMixin)[name])
