@@ -152,18 +152,22 @@ class ConceptEdits:
 
     # ------------------------------------------------------------------ combining
 
-    def _resolve(self, requests: list[ConceptEdit], vectors: dict[str, torch.Tensor], pipe: DiffusionPipeline) -> "ConceptEdits":
+    def _resolve(self, requests: list[ConceptEdit], vectors: dict[str, torch.Tensor], pipe: DiffusionPipeline,
+                 cache_dir: str | os.PathLike | None) -> "ConceptEdits":
         from .editor import EMCIDEditor
 
-        editor = EMCIDEditor(pipe, self.config, progress=False)
+        editor = EMCIDEditor(pipe, self.config, cache_dir=cache_dir, progress=False)
         if editor.z_layer != self.z_layer:
             raise ValueError(f"These edits' vectors live at layer {self.z_layer}, but the config resolves to {editor.z_layer} on this pipeline.")
         return editor.solve(requests, vectors)
 
-    def merge(self, other: "ConceptEdits", pipe: DiffusionPipeline) -> "ConceptEdits":
+    def merge(self, other: "ConceptEdits", pipe: DiffusionPipeline, cache_dir: str | os.PathLike | None = None) -> "ConceptEdits":
         """One edit set with the concepts of both, solved jointly by stage 2 from the stored vectors (no stage 1).
 
-        `pipe` must be the base pipeline the edits were made on; its key statistics must be in the cache.
+        Args:
+            other: the edits to add.
+            pipe: the base pipeline the edits were made on.
+            cache_dir: the EMCID cache holding its key statistics (see `EMCIDEditor`).
         """
         for edits in (self, other):
             if set(edits.vectors) != set(edits.deltas):
@@ -172,10 +176,10 @@ class ConceptEdits:
         if layers(self) != layers(other):
             raise ValueError(f"The two edit sets change different layers ({layers(self)} and {layers(other)}); they cannot be merged.")
         vectors = {c: torch.cat([self.vectors[c], other.vectors[c]]) for c in self.vectors}
-        return self._resolve(self.requests + other.requests, vectors, pipe)
+        return self._resolve(self.requests + other.requests, vectors, pipe, cache_dir)
 
-    def without(self, sources: Iterable[str], pipe: DiffusionPipeline) -> "ConceptEdits":
-        """The edit set minus the concepts with these sources (case-insensitive), re-solved by stage 2."""
+    def without(self, sources: Iterable[str], pipe: DiffusionPipeline, cache_dir: str | os.PathLike | None = None) -> "ConceptEdits":
+        """The edit set minus the concepts with these sources (case-insensitive), re-solved by stage 2 like `merge`."""
         drop = {" ".join(s.lower().split()) for s in sources}
         keep = [i for i, r in enumerate(self.requests) if " ".join(r.source.lower().split()) not in drop]
         unknown = drop - {" ".join(r.source.lower().split()) for r in self.requests}
@@ -184,7 +188,7 @@ class ConceptEdits:
         if not keep:
             raise ValueError("Removing these sources leaves no concept; use remove()/unload instead.")
         vectors = {c: v[keep] for c, v in self.vectors.items()}
-        return self._resolve([self.requests[i] for i in keep], vectors, pipe)
+        return self._resolve([self.requests[i] for i in keep], vectors, pipe, cache_dir)
 
     # ------------------------------------------------------------------ files and the Hub
 

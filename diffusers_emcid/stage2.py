@@ -52,15 +52,20 @@ class LowRankDelta:
 
 
 def balanced_factors(delta: LowRankDelta) -> LowRankDelta:
-    """Refactors `delta` with an SVD as `(U sqrt(S)) (sqrt(S) V^T)`, dropping zero directions.
+    """Refactors `delta` as `(U sqrt(S)) (sqrt(S) V^T)` from its SVD, dropping zero directions.
 
-    The rank becomes at most min(d_out, d_in), and both factors have the same scale.
+    The SVD is taken of the small core of the factors' QR decompositions, in float64, so the rank
+    becomes at most min(r, d_out, d_in) and both factors have the same scale.
     """
-    u, s, vh = torch.linalg.svd(delta.dense().double(), full_matrices=False)
-    tolerance = s.max() * max(s.shape[0], delta.up.shape[0], delta.down.shape[1]) * torch.finfo(s.dtype).eps
+    q_up, r_up = torch.linalg.qr(delta.up.double())
+    q_down, r_down = torch.linalg.qr(delta.down.double().T)
+    u, s, vh = torch.linalg.svd(r_up @ r_down.T, full_matrices=False)
+    tolerance = s.max() * max(delta.up.shape[0], delta.down.shape[1]) * torch.finfo(s.dtype).eps
     keep = s > tolerance
     root = s[keep].sqrt()
-    return LowRankDelta((u[:, keep] * root).to(delta.up.dtype), (root[:, None] * vh[keep]).to(delta.down.dtype))
+    up = (q_up @ u[:, keep]) * root
+    down = root[:, None] * (vh[keep] @ q_down.T)
+    return LowRankDelta(up.to(delta.up.dtype), down.to(delta.down.dtype))
 
 
 def solve_layer_update(

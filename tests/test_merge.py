@@ -1,0 +1,37 @@
+import pytest
+import torch
+
+from diffusers_emcid import ConceptEdits
+
+
+def assert_same_deltas(a: ConceptEdits, b: ConceptEdits):
+    assert a.concepts == b.concepts
+    for layer, delta in a.deltas["text_encoder"].items():
+        torch.testing.assert_close(delta.dense(), b.deltas["text_encoder"][layer].dense(), rtol=1e-5, atol=1e-6)
+
+
+def test_merge_equals_a_joint_edit(editor, pipe):
+    dogs = editor.edit([("dog", "cat")])
+    apples = editor.edit([("apple", "banana"), ("car", "tree")])
+    joint = editor.edit([("dog", "cat"), ("apple", "banana"), ("car", "tree")])  # stage 1 comes from the cache
+    assert_same_deltas(dogs.merge(apples, pipe, editor.cache.root), joint)
+
+
+def test_without_equals_an_edit_of_the_rest(editor, pipe, tmp_path):
+    everything = editor.edit([("dog", "cat"), ("apple", "banana"), ("car", "tree")])
+    reloaded = ConceptEdits.from_pretrained(everything.save_pretrained(tmp_path / "all"))
+    assert_same_deltas(reloaded.without(["APPLE"], pipe, editor.cache.root), editor.edit([("dog", "cat"), ("car", "tree")]))
+    with pytest.raises(ValueError, match="No concept with source"):
+        everything.without(["cow"], pipe, editor.cache.root)
+    with pytest.raises(ValueError, match="leaves no concept"):
+        everything.without(["dog", "apple", "car"], pipe, editor.cache.root)
+
+
+def test_merging_different_layers_is_refused(editor, pipe):
+    dogs = editor.edit([("dog", "cat")])
+    editor.config.layers = "1:-1"
+    other = type(editor)(pipe, editor.config, cache_dir=editor.cache.root, progress=False)
+    other.compute_statistics(["a photo of a house"])
+    apples = other.edit([("apple", "banana")])
+    with pytest.raises(ValueError, match="different layers"):
+        dogs.merge(apples, pipe)
