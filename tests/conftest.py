@@ -1,16 +1,100 @@
 from __future__ import annotations
 
+import errno
+import ipaddress
 import os
+import socket
+import tempfile
+from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from .hub_server import LoopbackHub  # standard library only: huggingface_hub is not imported yet
+
+# The Hugging Face Hub of this test session: one loopback server. huggingface_hub reads HF_ENDPOINT,
+# HF_HUB_OFFLINE and HF_HUB_DISABLE_XET when it is imported, and diffusers (imported below) imports it,
+# so the server starts and the variables are set here, before any of those imports. The client is online
+# (HF_HUB_OFFLINE=0) but the loopback endpoint is the only Hub there is; uploads use LFS, not Xet.
+HUB = LoopbackHub().start()
+os.environ["HF_ENDPOINT"] = HUB.endpoint
+os.environ["HF_HUB_DISABLE_XET"] = "1"
+os.environ["HF_HUB_OFFLINE"] = "0"
+os.environ["HF_TOKEN"] = HUB.token  # the implicit token is the loopback Hub's, never a developer's own
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ["EMCID_CACHE"] = tempfile.mkdtemp(prefix="emcid-test-cache-")  # never the user's cache
 
-import pytest
-import torch
-from diffusers import StableDiffusionPipeline
 
-from diffusers_emcid import EMCIDConfig, EMCIDEditor
-from diffusers_emcid.testing import tiny_sd_pipeline
+def _is_loopback(host: Any) -> bool:
+    if isinstance(host, bytes):
+        host = host.decode("ascii", "replace")
+    if not isinstance(host, str):
+        return False
+    if host.lower() in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
+def _refuse_non_loopback_connections() -> None:
+    """No test reaches anything but loopback: other connects are refused and other names don't resolve."""
+    real_connect, real_connect_ex, real_getaddrinfo = socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo
+
+    def check(sock: socket.socket, address: Any) -> None:
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and not _is_loopback(address[0]):
+            raise ConnectionRefusedError(errno.ECONNREFUSED, f"tests may only connect to loopback, not {address[0]}")
+
+    def connect(self: socket.socket, address: Any) -> None:
+        check(self, address)
+        return real_connect(self, address)
+
+    def connect_ex(self: socket.socket, address: Any) -> int:
+        check(self, address)
+        return real_connect_ex(self, address)
+
+    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if host is not None and not _is_loopback(host):
+            raise socket.gaierror(socket.EAI_NONAME, f"tests may only resolve loopback names, not {host!r}")
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    socket.socket.connect = connect  # type: ignore[method-assign]
+    socket.socket.connect_ex = connect_ex  # type: ignore[method-assign]
+    socket.getaddrinfo = getaddrinfo  # type: ignore[assignment]
+
+
+_refuse_non_loopback_connections()
+
+import huggingface_hub.constants as hf_constants  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from diffusers import StableDiffusionPipeline  # noqa: E402
+
+from diffusers_emcid import EMCIDConfig, EMCIDEditor  # noqa: E402
+from diffusers_emcid.testing import tiny_sd_pipeline  # noqa: E402
+
+# Should huggingface_hub have been imported before this file (by a plugin), point it at the loopback Hub anyway.
+hf_constants.ENDPOINT = HUB.endpoint
+hf_constants.HUGGINGFACE_CO_URL_TEMPLATE = HUB.endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+hf_constants.HF_HUB_OFFLINE = False
+hf_constants.HF_HUB_DISABLE_XET = True
+
+HUB_KEY = pytest.StashKey[LoopbackHub]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.stash[HUB_KEY] = HUB
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    HUB.stop()
+
+
+@pytest.fixture(scope="session")
+def hub(pytestconfig: pytest.Config) -> LoopbackHub:
+    """The session's loopback Hugging Face Hub (`hub.endpoint`, `hub.token`, `hub.lfs_uploads`, `hub.commits()`)."""
+    return pytestconfig.stash[HUB_KEY]
+
 
 CAPTIONS = [
     "a photo of a house",
