@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from .cache import digest
 from .stage2 import LowRankDelta, balanced_factors
@@ -52,6 +52,20 @@ _KEY_PATTERN = re.compile(
 
 class EMCIDFormatError(ValueError):
     """A concept-edit file or folder is malformed, incomplete, or made for another model or version."""
+
+
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """A safetensors file whose bytes depend only on its content.
+
+    safetensors writes the header's metadata in hash-map order, which changes from call to call; the
+    header JSON is re-serialised with sorted keys (and padded with spaces to 8 bytes, as safetensors
+    does), so that equal edits give equal files and an unchanged push uploads nothing.
+    """
+    data = save(tensors, metadata=metadata)
+    length = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8 : 8 + length]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    return len(header).to_bytes(8, "little") + header + data[8 + length :]
 
 
 def module_path(layer: int) -> str:
@@ -149,10 +163,10 @@ def write_adapter_folder(
     }
 
     def write(staging: Path) -> None:
-        save_file(vector_tensors, str(staging / VECTORS_NAME), metadata={"emcid_companion_digest": companion})
+        (staging / VECTORS_NAME).write_bytes(safetensors_bytes(vector_tensors, {"emcid_companion_digest": companion}))
         (staging / MANIFEST_NAME).write_text(manifest_json + "\n", encoding="utf-8")
         (staging / CARD_NAME).write_text(card, encoding="utf-8")
-        save_file(tensors, str(staging / WEIGHTS_NAME), metadata=header)
+        (staging / WEIGHTS_NAME).write_bytes(safetensors_bytes(tensors, header))
 
     _atomic_folder_write(Path(folder), write)
 

@@ -100,11 +100,17 @@ def test_save_is_atomic_when_interrupted(edits, tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("diffusers_emcid.serialization.save_file", crash)
+    monkeypatch.setattr("diffusers_emcid.serialization.safetensors_bytes", crash)
     with pytest.raises(KeyboardInterrupt):
         edits.save_pretrained(target)
     assert not target.exists()
     assert list(target.parent.iterdir()) == [], "a temporary folder was left behind"
+
+
+def test_equal_edits_give_equal_bytes(edits, tmp_path):
+    first, second = edits.save_pretrained(tmp_path / "a"), edits.save_pretrained(tmp_path / "b")
+    for name in ("pytorch_lora_weights.safetensors", "emcid_vectors.safetensors", "emcid_manifest.json", "README.md"):
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name
 
 
 def corrupt(folder, mutate):
