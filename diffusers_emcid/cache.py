@@ -56,6 +56,25 @@ def fingerprint_module(module: nn.Module) -> str:
     )
 
 
+class ModuleFingerprints:
+    """Fingerprints of modules, recomputed only when a weight tensor was replaced or modified in place.
+
+    PyTorch bumps a tensor's version counter on every in-place change, so (storage pointer, version)
+    of every weight tells whether a fingerprint taken earlier still holds, without reading the weights.
+    """
+
+    def __init__(self) -> None:
+        self._known: dict[int, tuple[tuple, str]] = {}
+
+    def __call__(self, module: nn.Module) -> str:
+        stamp = tuple((name, t.data_ptr(), t._version, t.device.type) for name, t in module.state_dict().items())
+        known = self._known.get(id(module))
+        if known is None or known[0] != stamp:
+            known = (stamp, fingerprint_module(module))
+            self._known[id(module)] = known
+        return known[1]
+
+
 class TensorCache:
     """A folder of safetensors files addressed by key, one subfolder per kind of entry.
 

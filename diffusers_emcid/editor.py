@@ -12,7 +12,7 @@ from diffusers import DDPMScheduler, DiffusionPipeline
 from peft.tuners.tuners_utils import BaseTunerLayer
 from tqdm.auto import tqdm
 
-from .cache import TensorCache, digest, fingerprint_module
+from .cache import ModuleFingerprints, TensorCache, digest
 from .config import EMCIDConfig
 from .edits import ConceptEdits, base_weights_fingerprint
 from .encoders import find_text_encoder_layout, module_device
@@ -73,6 +73,7 @@ class EMCIDEditor:
         self.layers, self.z_layer = self.config.resolve_layers(self.layout.num_layers)
         self.cache = TensorCache(cache_dir)
         self.progress = progress
+        self._fingerprint = ModuleFingerprints()
         self._covariances: dict[int, torch.Tensor] = {}
         self._covariances_model: str | None = None
 
@@ -128,7 +129,7 @@ class EMCIDEditor:
         texts = sample_captions(load_captions(captions, column, split), num_samples or self.config.statistics_num_samples)
         captions_digest = digest(texts)
         with self._base_model():
-            model_fingerprint = fingerprint_module(self.pipe.text_encoder)
+            model_fingerprint = self._fingerprint(self.pipe.text_encoder)
             suffix = digest(STATISTICS_FORMAT, captions_digest)[:32]
             keys = {layer: self._statistics_prefix(model_fingerprint, layer) + suffix for layer in self.layers}
             covariances = {}
@@ -149,26 +150,32 @@ class EMCIDEditor:
         return dict(covariances)
 
     def _statistics_for(self, model_fingerprint: str) -> dict[int, torch.Tensor]:
-        """The covariances of this model: from memory, else the newest cached ones per layer."""
+        """The covariances of this model: from memory, else from the newest cached caption set that covers
+        every edited layer (layers never mix caption sets)."""
         if self._covariances_model == model_fingerprint and all(layer in self._covariances for layer in self.layers):
             return self._covariances
-        covariances, missing = {}, []
+        newest: dict[str, float] = {}
+        coverage: dict[str, set[int]] = {}
         for layer in self.layers:
-            entries = self.cache.find("statistics", self._statistics_prefix(model_fingerprint, layer))
-            entry = self.cache.load("statistics", entries[-1].stem) if entries else None
-            if entry is None:
-                missing.append(layer)
-            else:
-                covariances[layer] = entry[0]["mom2"]
-        if missing:
-            raise ValueError(
-                f"No key statistics for layers {missing} of this text encoder. Call "
-                "editor.compute_statistics(captions) once with many captions (the paper used 100,000 CCS captions): a "
-                "list of strings, a .txt/.json/.jsonl file, or a dataset name with column='caption'. They are cached "
-                f"under {self.cache.root / 'statistics'} and found again by later runs."
-            )
-        self._covariances, self._covariances_model = covariances, model_fingerprint
-        return covariances
+            prefix = self._statistics_prefix(model_fingerprint, layer)
+            for path in self.cache.find("statistics", prefix):
+                caption_set = path.stem.removeprefix(prefix)
+                coverage.setdefault(caption_set, set()).add(layer)
+                newest[caption_set] = max(newest.get(caption_set, 0.0), path.stat().st_mtime)
+        complete = [c for c, layers in coverage.items() if layers == set(self.layers)]
+        for caption_set in sorted(complete, key=newest.__getitem__, reverse=True):
+            entries = {layer: self.cache.load("statistics", self._statistics_prefix(model_fingerprint, layer) + caption_set)
+                       for layer in self.layers}
+            if all(entry is not None for entry in entries.values()):
+                covariances = {layer: entry[0]["mom2"] for layer, entry in entries.items()}
+                self._covariances, self._covariances_model = covariances, model_fingerprint
+                return covariances
+        raise ValueError(
+            f"No key statistics for layers {self.layers} of this text encoder (from one caption set). Call "
+            "editor.compute_statistics(captions) once with many captions (the paper used 100,000 CCS captions): a "
+            "list of strings, a .txt/.json/.jsonl file, or a dataset name with column='caption'. They are cached "
+            f"under {self.cache.root / 'statistics'} and found again by later runs."
+        )
 
     # ---------------------------------------------------------------- editing
 
@@ -199,7 +206,7 @@ class EMCIDEditor:
         requests = as_concept_edits(requests)
         self._check_requests(requests)
         with self._base_model() as device:
-            fingerprints = {name: fingerprint_module(getattr(self.pipe, name)) for name in ("text_encoder", "unet", "vae")}
+            fingerprints = {name: self._fingerprint(getattr(self.pipe, name)) for name in ("text_encoder", "unet", "vae")}
             self._statistics_for(fingerprints["text_encoder"])  # fail before stage 1 if there are none
             model_digest = digest(fingerprints, dict(self.pipe.scheduler.config), sorted(self.pipe.tokenizer.get_vocab().items()))
             noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
@@ -232,7 +239,7 @@ class EMCIDEditor:
             vectors: {"text_encoder": Z (N, d)}, one row per request.
         """
         with self._base_model():
-            return self._solve(requests, vectors, fingerprint_module(self.pipe.text_encoder))
+            return self._solve(requests, vectors, self._fingerprint(self.pipe.text_encoder))
 
     def _solve(self, requests: list[ConceptEdit], vectors: dict[str, torch.Tensor], model_fingerprint: str) -> ConceptEdits:
         """`solve` inside `_base_model()`, for a text encoder of known fingerprint."""

@@ -94,3 +94,26 @@ def test_caption_sources(tmp_path):
         load_captions([])
     subset = sample_captions([str(i) for i in range(100)], 10)
     assert len(subset) == 10 and subset == sample_captions([str(i) for i in range(100)], 10)
+
+
+def test_layers_never_mix_caption_sets(pipe, fast_config, tmp_path):
+    artists = type(fast_config)(**{**fast_config.to_dict(), "layers": "-2:-1"})
+    EMCIDEditor(pipe, artists, cache_dir=tmp_path, progress=False).compute_statistics(CAPTIONS[:4])  # layer 3 only
+    editor = EMCIDEditor(pipe, fast_config, cache_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="No key statistics for layers \\[0, 1, 2, 3\\]"):
+        editor.edit([("dog", "cat")])
+    full = EMCIDEditor(pipe, fast_config, cache_dir=tmp_path, progress=False).compute_statistics(CAPTIONS)
+    found = EMCIDEditor(pipe, fast_config, cache_dir=tmp_path, progress=False)._statistics_for(
+        editor._fingerprint(pipe.text_encoder))
+    assert all(torch.equal(found[layer], full[layer]) for layer in full)
+
+
+def test_fingerprints_follow_in_place_changes(pipe):
+    from diffusers_emcid.cache import ModuleFingerprints, fingerprint_module
+
+    fingerprints = ModuleFingerprints()
+    first = fingerprints(pipe.text_encoder)
+    assert fingerprints(pipe.text_encoder) == first == fingerprint_module(pipe.text_encoder)
+    with torch.no_grad():
+        pipe.text_encoder.get_input_embeddings().weight[0, 0] += 1
+    assert fingerprints(pipe.text_encoder) != first
