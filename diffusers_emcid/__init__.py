@@ -5,7 +5,7 @@ from .editor import EMCIDEditor
 from .edits import ConceptEdits
 from .loaders import PIPELINES_WITH_CONCEPT_EDITS, ConceptEditsLoaderMixin, add_concept_edit_methods
 from .requests import DEFAULT_TEMPLATES, ConceptEdit
-from .serialization import EMCIDFormatError
+from .serialization import BaseModelMismatchError, ConceptEditsLoadError, EMCIDFormatError
 from .stage2 import LowRankDelta
 
 __version__ = "0.1.0"
@@ -13,6 +13,8 @@ __version__ = "0.1.0"
 add_concept_edit_methods(*PIPELINES_WITH_CONCEPT_EDITS)
 
 __all__ = [
+    "BaseModelMismatchError",
+    "ConceptEditsLoadError",
     "DEFAULT_TEMPLATES",
     "PRESETS",
     "ConceptEdit",

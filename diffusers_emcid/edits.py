@@ -25,6 +25,7 @@ from .serialization import (
     FORMAT_NAME,
     FORMAT_VERSION,
     STORAGE_DTYPES,
+    BaseModelMismatchError,
     EMCIDFormatError,
     max_abs_error,
     read_adapter_folder,
@@ -93,25 +94,27 @@ class ConceptEdits:
     # ------------------------------------------------------------------ pipeline
 
     def check_fits(self, pipe: DiffusionPipeline, force: bool = False) -> None:
-        """Raises a ValueError if the edits do not fit `pipe` (shapes), or were made on other base weights
-        (fingerprint) unless `force`."""
+        """Raises `BaseModelMismatchError` if the edits do not fit `pipe` (components, layers, shapes), or were
+        made on other base weights (fingerprint) unless `force`."""
         for component, deltas in self.deltas.items():
-            layout = find_text_encoder_layout(getattr(pipe, component, None), component)
+            if getattr(pipe, component, None) is None:
+                raise BaseModelMismatchError(f"These edits change a {component}, which {type(pipe).__name__} does not have.")
+            layout = find_text_encoder_layout(getattr(pipe, component), component)
             for layer, delta in deltas.items():
                 if not 0 <= layer < layout.num_layers:
-                    raise ValueError(
+                    raise BaseModelMismatchError(
                         f"These edits change layer {layer} of the {component}, which has only {layout.num_layers} "
                         "layers; they were made for another model."
                     )
                 weight = layout.fc2(layer).weight
                 if (delta.up.shape[0], delta.down.shape[1]) != tuple(weight.shape):
-                    raise ValueError(
+                    raise BaseModelMismatchError(
                         f"The update of {component} layer {layer} has shape {(delta.up.shape[0], delta.down.shape[1])} "
                         f"but its fc2 weight is {tuple(weight.shape)}; these edits were made for another model."
                     )
             expected = self.base_fingerprints.get(component)
             if expected and not force and base_weights_fingerprint(layout, deltas) != expected:
-                raise ValueError(
+                raise BaseModelMismatchError(
                     f"These edits were made on other base weights of the {component} (base model "
                     f"{self.base_model or 'unknown'}); applying them elsewhere gives unpredictable results. Pass "
                     "force=True to apply them anyway."

@@ -79,8 +79,8 @@ class ConceptEditsLoaderMixin:
             The adapter name.
 
         Raises:
-            EMCIDFormatError: for a malformed file; ValueError: for edits that do not fit this pipeline or
-            a taken name. The pipeline is unchanged in both cases.
+            ConceptEditsLoadError: `EMCIDFormatError` for a malformed file, `BaseModelMismatchError` for edits that
+                do not fit this pipeline. ValueError: for a taken name. The pipeline is unchanged in every case.
         """
         if not isinstance(edits, ConceptEdits):
             source = edits

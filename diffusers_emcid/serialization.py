@@ -50,8 +50,16 @@ _KEY_PATTERN = re.compile(
 )
 
 
-class EMCIDFormatError(ValueError):
-    """A concept-edit file or folder is malformed, incomplete, or made for another model or version."""
+class ConceptEditsLoadError(ValueError):
+    """Concept edits cannot be loaded: see `EMCIDFormatError` and `BaseModelMismatchError`."""
+
+
+class EMCIDFormatError(ConceptEditsLoadError):
+    """A concept-edit file or folder is malformed, incomplete, or of a newer format version."""
+
+
+class BaseModelMismatchError(ConceptEditsLoadError):
+    """Concept edits do not fit a pipeline: other layers or shapes, or other base weights (without `force`)."""
 
 
 def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
