@@ -2,10 +2,10 @@
 
 from .config import PRESETS, EMCIDConfig
 from .editor import EMCIDEditor
+from .errors import BaseModelMismatchError, ConceptEditsLoadError, EMCIDFormatError, EMCIDNumericalError
 from .edits import ConceptEdits
 from .loaders import PIPELINES_WITH_CONCEPT_EDITS, ConceptEditsLoaderMixin, add_concept_edit_methods
 from .requests import DEFAULT_TEMPLATES, ConceptEdit
-from .serialization import BaseModelMismatchError, ConceptEditsLoadError, EMCIDFormatError
 from .stage2 import LowRankDelta
 
 __version__ = "0.1.0"
@@ -21,6 +21,7 @@ __all__ = [
     "ConceptEdits",
     "ConceptEditsLoaderMixin",
     "EMCIDFormatError",
+    "EMCIDNumericalError",
     "EMCIDConfig",
     "EMCIDEditor",
     "LowRankDelta",

@@ -16,11 +16,12 @@ from .cache import ModuleFingerprints, TensorCache, digest
 from .config import EMCIDConfig
 from .edits import ConceptEdits, base_weights_fingerprint
 from .encoders import find_text_encoder_layout, module_device
+from .errors import EMCIDNumericalError
 from .hooks import adapters_disabled, frozen
-from .requests import ConceptEdit, as_concept_edits
+from .requests import ConceptEdit, as_concept_edits, canonical_order
 from .stage1 import Stage1Result, optimize_concept_vector
 from .stage2 import compute_stage2_deltas
-from .statistics import CaptionSource, compute_key_second_moments, load_captions, sample_captions
+from .statistics import CaptionSource, KeyStatistics, compute_key_second_moments, load_captions, sample_captions
 from .tokens import check_prompt_lengths, subject_token_positions
 
 logger = logging.getLogger(__name__)
@@ -74,8 +75,7 @@ class EMCIDEditor:
         self.cache = TensorCache(cache_dir)
         self.progress = progress
         self._fingerprint = ModuleFingerprints()
-        self._covariances: dict[int, torch.Tensor] = {}
-        self._covariances_model: str | None = None
+        self._statistics: KeyStatistics | None = None
 
     # ---------------------------------------------------------------- shared plumbing
 
@@ -127,49 +127,51 @@ class EMCIDEditor:
             {layer: C (d_ff, d_ff) float32}.
         """
         texts = sample_captions(load_captions(captions, column, split), num_samples or self.config.statistics_num_samples)
-        captions_digest = digest(texts)
+        suffix = digest(STATISTICS_FORMAT, digest(texts))[:32]
         with self._base_model():
             model_fingerprint = self._fingerprint(self.pipe.text_encoder)
-            suffix = digest(STATISTICS_FORMAT, captions_digest)[:32]
-            keys = {layer: self._statistics_prefix(model_fingerprint, layer) + suffix for layer in self.layers}
-            covariances = {}
-            for layer, key in keys.items():
-                entry = self.cache.load("statistics", key)
-                if entry is not None:
-                    covariances[layer] = entry[0]["mom2"]
-            missing = [layer for layer in self.layers if layer not in covariances]
-            if missing:
-                computed, count = compute_key_second_moments(
-                    self.layout, self.pipe.tokenizer, texts, missing, self.config.statistics_batch_size, self.progress
+            statistics = self._load_statistics(model_fingerprint, suffix)
+            if statistics is None:
+                covariances, count = compute_key_second_moments(
+                    self.layout, self.pipe.tokenizer, texts, self.layers, self.config.statistics_batch_size, self.progress
                 )
-                for layer, covariance in computed.items():
-                    self.cache.save("statistics", keys[layer], {"mom2": covariance},
+                for layer, covariance in covariances.items():
+                    self.cache.save("statistics", self._statistics_prefix(model_fingerprint, layer) + suffix, {"mom2": covariance},
                                     {"num_captions": str(len(texts)), "num_tokens": str(count), "layer": str(layer)})
-                covariances.update(computed)
-        self._covariances, self._covariances_model = covariances, model_fingerprint
-        return dict(covariances)
+                statistics = KeyStatistics(covariances, count, model_fingerprint)
+        message = statistics.rank_deficiency(self.layout.intermediate_size)
+        if message:
+            logger.warning(message)
+        self._statistics = statistics
+        return dict(statistics.covariances)
 
-    def _statistics_for(self, model_fingerprint: str) -> dict[int, torch.Tensor]:
-        """The covariances of this model: from memory, else from the newest cached caption set that covers
+    def _load_statistics(self, model_fingerprint: str, caption_set: str) -> KeyStatistics | None:
+        """The cached statistics of one caption set, if every edited layer has them."""
+        entries = {layer: self.cache.load("statistics", self._statistics_prefix(model_fingerprint, layer) + caption_set)
+                   for layer in self.layers}
+        if any(entry is None for entry in entries.values()):
+            return None
+        counts = {int(entry[1].get("num_tokens", 0)) for entry in entries.values()}
+        return KeyStatistics({layer: entry[0]["mom2"] for layer, entry in entries.items()}, min(counts), model_fingerprint)
+
+    def _statistics_for(self, model_fingerprint: str) -> KeyStatistics:
+        """The statistics of this model: from memory, else from the newest cached caption set that covers
         every edited layer (layers never mix caption sets)."""
-        if self._covariances_model == model_fingerprint and all(layer in self._covariances for layer in self.layers):
-            return self._covariances
+        if self._statistics is not None and self._statistics.model_fingerprint == model_fingerprint and all(
+            layer in self._statistics.covariances for layer in self.layers
+        ):
+            return self._statistics
         newest: dict[str, float] = {}
-        coverage: dict[str, set[int]] = {}
         for layer in self.layers:
             prefix = self._statistics_prefix(model_fingerprint, layer)
             for path in self.cache.find("statistics", prefix):
                 caption_set = path.stem.removeprefix(prefix)
-                coverage.setdefault(caption_set, set()).add(layer)
                 newest[caption_set] = max(newest.get(caption_set, 0.0), path.stat().st_mtime)
-        complete = [c for c, layers in coverage.items() if layers == set(self.layers)]
-        for caption_set in sorted(complete, key=newest.__getitem__, reverse=True):
-            entries = {layer: self.cache.load("statistics", self._statistics_prefix(model_fingerprint, layer) + caption_set)
-                       for layer in self.layers}
-            if all(entry is not None for entry in entries.values()):
-                covariances = {layer: entry[0]["mom2"] for layer, entry in entries.items()}
-                self._covariances, self._covariances_model = covariances, model_fingerprint
-                return covariances
+        for caption_set in sorted(newest, key=newest.__getitem__, reverse=True):
+            statistics = self._load_statistics(model_fingerprint, caption_set)
+            if statistics is not None:
+                self._statistics = statistics
+                return statistics
         raise ValueError(
             f"No key statistics for layers {self.layers} of this text encoder (from one caption set). Call "
             "editor.compute_statistics(captions) once with many captions (the paper used 100,000 CCS captions): a "
@@ -192,7 +194,8 @@ class EMCIDEditor:
         """Computes the edits of all `requests` jointly; the pipeline's weights are not changed.
 
         Stage-1 vectors are cached on disk by content, so a repeated or interrupted run recomputes only
-        what is missing.
+        what is missing. The result keeps the concepts in a canonical order (by source), so it does not
+        depend on the order of `requests`.
 
         Args:
             requests: `ConceptEdit`s, or `(source, destination)` tuples with the default templates.
@@ -202,51 +205,79 @@ class EMCIDEditor:
 
         Raises:
             ValueError / TypeError: for bad requests (before any heavy work), or when no key statistics exist.
+            EMCIDNumericalError: for rank-deficient statistics (before any heavy work), or concepts whose stage 1
+                diverged (after the others were computed and cached).
         """
-        requests = as_concept_edits(requests)
+        requests = canonical_order(as_concept_edits(requests))
         self._check_requests(requests)
         with self._base_model() as device:
             fingerprints = {name: self._fingerprint(getattr(self.pipe, name)) for name in ("text_encoder", "unet", "vae")}
-            self._statistics_for(fingerprints["text_encoder"])  # fail before stage 1 if there are none
+            self._statistics_for(fingerprints["text_encoder"]).check_rank(self.layout.intermediate_size)
             model_digest = digest(fingerprints, dict(self.pipe.scheduler.config), sorted(self.pipe.tokenizer.get_vocab().items()))
             noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
             results: list[Stage1Result] = []
+            failures: list[str] = []
             bar = tqdm(requests, desc="EMCID stage 1", unit="concept", disable=not self.progress)
             for request in bar:
                 key = self._stage1_key(request, model_digest)
                 entry = self.cache.load("stage1", key)
                 if entry is not None:
                     tensors = entry[0]
-                    result = Stage1Result(tensors["vector"], tensors["h0"], tensors["losses"])
+                    result = Stage1Result(tensors["vector"], tensors["h0"], tensors["losses"], int(tensors["clamp_hits"]))
                 else:
-                    result = optimize_concept_vector(
-                        self.pipe, self.layout, request, self.config, self.z_layer, noise_scheduler, device
-                    )
-                    self.cache.save("stage1", key, {"vector": result.vector, "h0": result.h0, "losses": result.losses},
+                    try:
+                        result = optimize_concept_vector(
+                            self.pipe, self.layout, request, self.config, self.z_layer, noise_scheduler, device
+                        )
+                    except EMCIDNumericalError as error:
+                        failures.append(str(error))
+                        continue
+                    self.cache.save("stage1", key, {"vector": result.vector, "h0": result.h0, "losses": result.losses,
+                                                    "clamp_hits": torch.tensor(result.clamp_hits)},
                                     {"source": request.source, "destination": request.destination})
+                if self.config.num_steps and result.clamp_hits == self.config.num_steps:
+                    logger.warning(
+                        "Stage 1 of %r -> %r: the norm bound clamp_norm_factor * ||h0|| was hit at every one of %d steps, "
+                        "so the edit is as strong as the bound allows, not as the loss asks. Lower learning_rate (now %g) "
+                        "or raise clamp_norm_factor (now %g).", request.source, request.destination, self.config.num_steps,
+                        self.config.learning_rate, self.config.clamp_norm_factor,
+                    )
                 results.append(result)
                 bar.set_postfix_str(f"{request.source!r} cached" if entry is not None else f"{request.source!r} done")
+            if failures:
+                raise EMCIDNumericalError(
+                    f"Stage 1 failed for {len(failures)} of {len(requests)} concepts (the others are cached, so a rerun "
+                    "computes only these):\n- " + "\n- ".join(failures)
+                )
             vectors = torch.stack([result.vector for result in results])
             edits = self._solve(requests, {"text_encoder": vectors}, fingerprints["text_encoder"])
         edits.stage1_losses = [result.losses for result in results]
         return edits
 
-    def solve(self, requests: list[ConceptEdit], vectors: dict[str, torch.Tensor]) -> ConceptEdits:
+    def solve(self, requests: Iterable[ConceptEdit | tuple[str, str]], vectors: dict[str, torch.Tensor]) -> ConceptEdits:
         """Stage 2 alone: writes concepts with known stage-1 vectors into the text encoder's layers.
 
         Args:
             requests: the concepts (their prompts give the keys).
             vectors: {"text_encoder": Z (N, d)}, one row per request.
         """
+        requests = as_concept_edits(requests)
+        if any(v.shape[0] != len(requests) for v in vectors.values()):
+            raise ValueError(f"Got {[tuple(v.shape) for v in vectors.values()]} vectors for {len(requests)} requests.")
+        ordered = canonical_order(requests)
+        rows = [requests.index(request) for request in ordered]
+        vectors = {name: v[rows] for name, v in vectors.items()}
+        self._check_requests(ordered)
         with self._base_model():
-            return self._solve(requests, vectors, self._fingerprint(self.pipe.text_encoder))
+            return self._solve(ordered, vectors, self._fingerprint(self.pipe.text_encoder))
 
     def _solve(self, requests: list[ConceptEdit], vectors: dict[str, torch.Tensor], model_fingerprint: str) -> ConceptEdits:
-        """`solve` inside `_base_model()`, for a text encoder of known fingerprint."""
-        covariances = self._statistics_for(model_fingerprint)
+        """`solve` for canonically ordered requests, inside `_base_model()`, for a text encoder of known fingerprint."""
+        statistics = self._statistics_for(model_fingerprint)
+        statistics.check_rank(self.layout.intermediate_size)
         deltas = compute_stage2_deltas(
             self.layout, self.pipe.tokenizer, requests, vectors["text_encoder"], self.layers, self.z_layer,
-            covariances, self.config.edit_weight, self.config.preservation_weight, self.config.residual,
+            statistics.covariances, self.config.edit_weight, self.config.preservation_weight, self.config.residual,
             self.config.stage2_batch_size, self.progress,
         )
         return ConceptEdits(

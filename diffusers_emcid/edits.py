@@ -19,14 +19,13 @@ from .cache import fingerprint_tensors
 from .card import render_model_card
 from .config import EMCIDConfig
 from .encoders import TextEncoderLayout, find_text_encoder_layout
+from .errors import BaseModelMismatchError, EMCIDFormatError
 from .requests import ConceptEdit
 from .serialization import (
     FILE_NAMES,
     FORMAT_NAME,
     FORMAT_VERSION,
     STORAGE_DTYPES,
-    BaseModelMismatchError,
-    EMCIDFormatError,
     max_abs_error,
     read_adapter_folder,
     storage_factors,

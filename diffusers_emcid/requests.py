@@ -177,3 +177,9 @@ def as_concept_edits(requests: Iterable[ConceptEdit | tuple[str, str]]) -> list[
             )
         seen[key] = index
     return edits
+
+
+def canonical_order(requests: list[ConceptEdit]) -> list[ConceptEdit]:
+    """The requests sorted by source (case- and space-insensitive, then exact), so that results do not
+    depend on the order in which concepts were asked for."""
+    return sorted(requests, key=lambda r: (" ".join(r.source.lower().split()), r.source, r.destination))

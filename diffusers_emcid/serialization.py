@@ -30,6 +30,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
 from .cache import digest
+from .errors import EMCIDFormatError, EMCIDNumericalError
 from .stage2 import LowRankDelta, balanced_factors
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
@@ -48,18 +49,6 @@ _KEY_PATTERN = re.compile(
     r"^(?P<component>text_encoder(?:_2)?)\.text_model\.encoder\.layers\.(?P<layer>\d{1,4})\.mlp\.fc2"
     r"\.lora_linear_layer\.(?P<factor>down|up)\.weight$"
 )
-
-
-class ConceptEditsLoadError(ValueError):
-    """Concept edits cannot be loaded: see `EMCIDFormatError` and `BaseModelMismatchError`."""
-
-
-class EMCIDFormatError(ConceptEditsLoadError):
-    """A concept-edit file or folder is malformed, incomplete, or of a newer format version."""
-
-
-class BaseModelMismatchError(ConceptEditsLoadError):
-    """Concept edits do not fit a pipeline: other layers or shapes, or other base weights (without `force`)."""
 
 
 def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
@@ -160,6 +149,8 @@ def write_adapter_folder(
 ) -> None:
     """Writes the four files of a concept-edit folder atomically (see the module docstring)."""
     tensors = deltas_to_state_dict(deltas, dtype)
+    if not all(torch.isfinite(t).all() for t in [*tensors.values(), *vectors.values()]):
+        raise EMCIDNumericalError("Refusing to write concept edits that contain NaN or inf.")
     vector_tensors = {name: vector.float().contiguous() for name, vector in vectors.items()}
     manifest_json = json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False)
     companion = digest(manifest_json, {name: t.tolist() for name, t in vector_tensors.items()})

@@ -32,6 +32,7 @@ from diffusers import DDPMScheduler, DiffusionPipeline
 from .cache import digest
 from .config import EMCIDConfig
 from .encoders import TextEncoderLayout
+from .errors import EMCIDNumericalError
 from .hooks import captured_outputs, residual_addition, run_until_stopped
 from .requests import ConceptEdit, load_image
 from .tokens import TokenizedPrompts, subject_token_positions, tokenize
@@ -45,11 +46,13 @@ class Stage1Result:
         vector: z = h0 + delta, shape (d,), float32: the target of stage 2 at the z layer.
         h0: the clean z-layer hidden state at the subject token of prompt 0, shape (d,).
         losses: the total loss at every step, shape (num_steps,).
+        clamp_hits: at how many steps the norm bound `clamp_norm_factor * ||h0||` was enforced.
     """
 
     vector: torch.Tensor
     h0: torch.Tensor
     losses: torch.Tensor
+    clamp_hits: int = 0
 
     @property
     def delta(self) -> torch.Tensor:
@@ -171,6 +174,7 @@ def optimize_concept_vector(
     use_text_term = config.text_alignment_weight > 0 and request.text_alignment
     prompt_index = torch.arange(num_prompts)
     losses = torch.empty(config.num_steps)
+    clamp_hits = 0
     for step in range(config.num_steps):
         chosen = torch.randint(num_samples, (num_prompts,), generator=draws)
         unit_noise = torch.randn(latent_mean[:, 0].shape, generator=draws)
@@ -189,11 +193,20 @@ def optimize_concept_vector(
         loss = loss + config.weight_decay * delta.norm() / h0.norm() ** 2
         if use_text_term:
             loss = loss + config.text_alignment_weight * F.mse_loss(pooled.float(), destination_pooled.float())
+        if not torch.isfinite(loss):
+            raise EMCIDNumericalError(
+                f"stage 1 of {request.source!r} -> {request.destination!r}: the loss became {loss.item()} at step {step}. "
+                f"Lower learning_rate (now {config.learning_rate}) or run the networks in float32 (dtype=None)."
+            )
         (delta.grad,) = torch.autograd.grad(loss, [delta])
         optimizer.step()
         with torch.no_grad():
             norm = delta.norm()
             if norm > radius:
                 delta.mul_(radius / norm)
+                clamp_hits += 1
         losses[step] = loss.detach()
-    return Stage1Result(vector=(h0 + delta.detach()).cpu(), h0=h0.cpu(), losses=losses)
+    vector = (h0 + delta.detach()).cpu()
+    if not torch.isfinite(vector).all():
+        raise EMCIDNumericalError(f"stage 1 of {request.source!r} -> {request.destination!r} gave a non-finite vector; lower learning_rate.")
+    return Stage1Result(vector=vector, h0=h0.cpu(), losses=losses, clamp_hits=clamp_hits)

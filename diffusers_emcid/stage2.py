@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from .encoders import TextEncoderLayout, module_device
+from .errors import EMCIDNumericalError
 from .hooks import captured_outputs, low_rank_output_offsets, run_until_stopped
 from .requests import ConceptEdit
 from .tokens import subject_token_positions, tokenize
@@ -89,8 +90,13 @@ def solve_layer_update(
     """
     keys, residuals, covariance = keys.double(), residuals.double(), covariance.double()
     system = (1 - edit_weight) * preservation_weight * covariance + edit_weight * keys @ keys.T
-    down = torch.linalg.solve(system, keys).T
+    try:
+        down = torch.linalg.solve(system, keys).T
+    except torch.linalg.LinAlgError as error:
+        raise EMCIDNumericalError(f"the stage-2 system is singular ({error}); compute the key statistics on more captions.") from error
     delta = LowRankDelta(up=edit_weight * residuals, down=down)
+    if not (torch.isfinite(delta.up).all() and torch.isfinite(delta.down).all()):
+        raise EMCIDNumericalError("the stage-2 update is not finite; check the stage-1 vectors and the key statistics.")
     if delta.rank > min(residuals.shape[0], keys.shape[0]):
         delta = balanced_factors(delta)
     return delta
@@ -170,7 +176,10 @@ def compute_stage2_deltas(
                 layout, tokenizer, requests, layer, None if residual == "paper" else z_layer, batch_size
             )
             residuals = (targets - values) / (len(layers) - i)
-            delta = solve_layer_update(keys.T, residuals.T, covariances[layer], edit_weight, preservation_weight)
+            try:
+                delta = solve_layer_update(keys.T, residuals.T, covariances[layer], edit_weight, preservation_weight)
+            except EMCIDNumericalError as error:
+                raise EMCIDNumericalError(f"Layer {layer}: {error}") from error
             deltas[layer] = delta.to(torch.float32)
             offsets[str(layer)] = (deltas[layer].up, deltas[layer].down)
     return deltas

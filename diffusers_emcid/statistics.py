@@ -12,15 +12,49 @@ import random
 from pathlib import Path
 from typing import Sequence
 
+from dataclasses import dataclass
+
 import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from .encoders import TextEncoderLayout, module_device
+from .errors import EMCIDNumericalError
 from .hooks import captured_outputs, run_until_stopped
 from .tokens import tokenize
 
 CaptionSource = Sequence[str] | str | os.PathLike
+
+
+@dataclass
+class KeyStatistics:
+    """The key second moments of the edited layers of one text encoder, from one caption set.
+
+    Attributes:
+        covariances: {layer: C (d_ff, d_ff) float32}.
+        num_tokens: the number of tokens averaged over; C has rank at most this.
+        model_fingerprint: the fingerprint of the text encoder they were computed on.
+    """
+
+    covariances: dict[int, torch.Tensor]
+    num_tokens: int
+    model_fingerprint: str
+
+    def rank_deficiency(self, intermediate_size: int) -> str | None:
+        """A message if C cannot have full rank (fewer tokens than key dimensions), else `None`."""
+        if self.num_tokens >= intermediate_size:
+            return None
+        return (
+            f"The key statistics come from {self.num_tokens} tokens, fewer than the {intermediate_size} key dimensions, so C "
+            "is rank-deficient and stage 2 cannot preserve unrelated prompts (its system is singular). Compute statistics "
+            "on more captions (the paper used 100,000)."
+        )
+
+    def check_rank(self, intermediate_size: int) -> None:
+        """Raises `EMCIDNumericalError` if C is rank-deficient."""
+        message = self.rank_deficiency(intermediate_size)
+        if message:
+            raise EMCIDNumericalError(message)
 
 
 def load_captions(captions: CaptionSource, column: str | None = None, split: str = "train") -> list[str]:

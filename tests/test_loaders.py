@@ -59,7 +59,7 @@ def test_toggles_give_bitwise_base_images_and_the_edited_ones(pipe, folder, edit
         assert np.array_equal(images(pipe), base)
     assert np.array_equal(images(pipe), edited)
     info = pipe.get_concept_edits()[name]
-    assert info["concepts"] == [("dog", "cat"), ("apple", "banana")] and info["enabled"] and info["strength"] == 1.0
+    assert info["concepts"] == [("apple", "banana"), ("dog", "cat")] and info["enabled"] and info["strength"] == 1.0
 
 
 def test_strength_equals_a_scaled_delta(pipe, folder, editor):
@@ -170,4 +170,4 @@ def test_the_mixin_serves_a_custom_pipeline_class(folder):
     source = tiny_sd_pipeline(seed=0)
     custom = MyPipeline(**source.components, requires_safety_checker=False)
     name = custom.load_concept_edits(folder)
-    assert custom.get_concept_edits()[name]["concepts"] == [("dog", "cat"), ("apple", "banana")]
+    assert custom.get_concept_edits()[name]["concepts"] == [("apple", "banana"), ("dog", "cat")]

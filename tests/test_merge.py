@@ -3,6 +3,8 @@ import torch
 
 from diffusers_emcid import ConceptEdits
 
+from .conftest import CAPTIONS
+
 
 def assert_same_deltas(a: ConceptEdits, b: ConceptEdits):
     assert a.concepts == b.concepts
@@ -31,7 +33,7 @@ def test_merging_different_layers_is_refused(editor, pipe):
     dogs = editor.edit([("dog", "cat")])
     editor.config.layers = "1:-1"
     other = type(editor)(pipe, editor.config, cache_dir=editor.cache.root, progress=False)
-    other.compute_statistics(["a photo of a house"])
+    other.compute_statistics(CAPTIONS)
     apples = other.edit([("apple", "banana")])
     with pytest.raises(ValueError, match="different layers"):
         dogs.merge(apples, pipe)

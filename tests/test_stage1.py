@@ -7,6 +7,8 @@ from diffusers import DDPMScheduler
 from diffusers_emcid import ConceptEdit, EMCIDEditor
 from diffusers_emcid.stage1 import optimize_concept_vector, training_images
 
+from .conftest import CAPTIONS
+
 
 @contextlib.contextmanager
 def count_calls(module):
@@ -100,6 +102,6 @@ def test_second_edit_hits_the_cache_and_a_changed_template_misses(editor, pipe):
 def test_cache_is_shared_across_editors_and_vectors_do_not_depend_on_batch_company(editor, pipe, tmp_path):
     alone = editor.edit([("dog", "cat")])
     fresh = EMCIDEditor(pipe, editor.config, cache_dir=tmp_path / "other", progress=False)
-    fresh.compute_statistics(["a photo of a house"])
+    fresh.compute_statistics(CAPTIONS)
     together = fresh.edit([("apple", "banana"), ("dog", "cat")])
     assert torch.equal(alone.vectors["text_encoder"][0], together.vectors["text_encoder"][1])

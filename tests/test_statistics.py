@@ -105,7 +105,7 @@ def test_layers_never_mix_caption_sets(pipe, fast_config, tmp_path):
     full = EMCIDEditor(pipe, fast_config, cache_dir=tmp_path, progress=False).compute_statistics(CAPTIONS)
     found = EMCIDEditor(pipe, fast_config, cache_dir=tmp_path, progress=False)._statistics_for(
         editor._fingerprint(pipe.text_encoder))
-    assert all(torch.equal(found[layer], full[layer]) for layer in full)
+    assert all(torch.equal(found.covariances[layer], full[layer]) for layer in full)
 
 
 def test_fingerprints_follow_in_place_changes(pipe):
