@@ -213,7 +213,8 @@ class EMCIDEditor:
         with self._base_model() as device:
             fingerprints = {name: self._fingerprint(getattr(self.pipe, name)) for name in ("text_encoder", "unet", "vae")}
             self._statistics_for(fingerprints["text_encoder"]).check_rank(self.layout.intermediate_size)
-            model_digest = digest(fingerprints, dict(self.pipe.scheduler.config), sorted(self.pipe.tokenizer.get_vocab().items()))
+            scheduler = {k: v for k, v in self.pipe.scheduler.config.items() if not k.startswith("_")}  # "_..." keys vary run to run
+            model_digest = digest(fingerprints, scheduler, sorted(self.pipe.tokenizer.get_vocab().items()))
             noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
             results: list[Stage1Result] = []
             failures: list[str] = []

@@ -1,0 +1,39 @@
+"""A stand-alone edit run for the reliability tests: `python -m tests.edit_job CACHE_DIR OUT_DIR STEPS`.
+
+Edits `REQUESTS` on the tiny pipeline with the given cache, saves the adapter to OUT_DIR, and prints
+how many stage-1 optimisations it ran (the rest came from the cache) as the last line.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import diffusers_emcid.editor as editor_module
+from diffusers_emcid import EMCIDConfig, EMCIDEditor
+from diffusers_emcid.testing import tiny_sd_pipeline
+
+from .conftest import CAPTIONS
+
+REQUESTS = [("dog", "cat"), ("apple", "banana"), ("car", "tree"), ("house", "circle"), ("red", "blue"), ("square", "green")]
+
+
+def main() -> None:
+    cache_dir, out_dir, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    runs = []
+    optimize = editor_module.optimize_concept_vector
+
+    def counted(*args, **kwargs):
+        runs.append(args[2].source)
+        return optimize(*args, **kwargs)
+
+    editor_module.optimize_concept_vector = counted
+    pipe = tiny_sd_pipeline(seed=0)
+    config = EMCIDConfig.from_preset("sd1-paper", num_steps=steps, image_num_inference_steps=2)
+    editor = EMCIDEditor(pipe, config, cache_dir=cache_dir, progress=False)
+    editor.compute_statistics(CAPTIONS)
+    editor.edit(REQUESTS).save_pretrained(out_dir)
+    print(len(runs), flush=True)
+
+
+if __name__ == "__main__":
+    main()
