@@ -48,6 +48,21 @@ def resolve_layers(spec: LayerSpec, num_layers: int) -> list[int]:
     return layers
 
 
+def resolve_edit_layers(spec: LayerSpec, z_layer: int | None, num_layers: int) -> tuple[list[int], int]:
+    """`(edited layers ascending, z layer)` for an encoder of `num_layers` layers; the z layer defaults to the
+    last edited layer and may not lie before it."""
+    layers = resolve_layers(spec, num_layers)
+    if z_layer is None:
+        return layers, layers[-1]
+    (resolved,) = resolve_layers([z_layer], num_layers)
+    if resolved < layers[-1]:
+        raise ValueError(
+            f"z_layer={z_layer} lies before the last edited layer {layers[-1]}; the stage-1 vector must sit at or after "
+            "every edited layer."
+        )
+    return layers, resolved
+
+
 @dataclass
 class EMCIDConfig:
     """Every setting of an EMCID run. Symbols refer to the paper and to `emcid_spec.md`.
@@ -76,6 +91,11 @@ class EMCIDConfig:
         residual: `"paper"` uses R = z - (fc2 output of the layer), as the authors' code does; `"memit"`
             uses R = z - (z-layer residual stream), MEMIT's consistent form.
 
+    SD-XL's second text encoder (spec section 7; ignored for pipelines with one text encoder):
+        layers_2: its edited layers, as `layers`; `"-6:-1"` is layers 26-30 of OpenCLIP bigG (32 layers).
+        z_layer_2: its z layer; `None` means its last edited layer.
+        preservation_weight_2: its lambda; `None` means `preservation_weight`.
+
     Statistics (spec section 4):
         statistics_num_samples: captions used for C (a fixed pseudo-random subset if more are given).
         statistics_batch_size: captions per forward pass when computing C.
@@ -102,6 +122,9 @@ class EMCIDConfig:
     preservation_weight: float = 4000.0
     edit_weight: float = 0.6
     residual: ResidualMode = "paper"
+    layers_2: LayerSpec = "-6:-1"
+    z_layer_2: int | None = None
+    preservation_weight_2: float | None = None
     statistics_num_samples: int = 100_000
     statistics_batch_size: int = 100
     stage2_batch_size: int = 256
@@ -110,8 +133,9 @@ class EMCIDConfig:
     preset: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.layers, str):
-            self.layers = tuple(self.layers)
+        for name in ("layers", "layers_2"):
+            if not isinstance(getattr(self, name), str):
+                setattr(self, name, tuple(getattr(self, name)))
         positive_ints = ("num_steps", "samples_per_prompt", "image_num_inference_steps",
                          "statistics_num_samples", "statistics_batch_size", "stage2_batch_size")
         for name in positive_ints:
@@ -125,6 +149,8 @@ class EMCIDConfig:
         for name in ("weight_decay", "text_alignment_weight", "image_guidance_scale"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"EMCIDConfig.{name}={getattr(self, name)!r} must be >= 0.")
+        if self.preservation_weight_2 is not None and not self.preservation_weight_2 > 0:
+            raise ValueError(f"EMCIDConfig.preservation_weight_2={self.preservation_weight_2!r} must be > 0 or None.")
         if not 0 < self.edit_weight < 1:
             raise ValueError(
                 f"EMCIDConfig.edit_weight={self.edit_weight!r} must lie strictly between 0 and 1 "
@@ -146,22 +172,13 @@ class EMCIDConfig:
         return cls(**{**PRESETS[name], "preset": name, **overrides})
 
     def resolve_layers(self, num_layers: int) -> tuple[list[int], int]:
-        """Returns `(edited layers ascending, z layer)` for an encoder with `num_layers` layers."""
-        layers = resolve_layers(self.layers, num_layers)
-        if self.z_layer is None:
-            return layers, layers[-1]
-        (z_layer,) = resolve_layers([self.z_layer], num_layers)
-        if z_layer < layers[-1]:
-            raise ValueError(
-                f"z_layer={self.z_layer} lies before the last edited layer {layers[-1]}; the stage-1 vector "
-                "must sit at or after every edited layer."
-            )
-        return layers, z_layer
+        """Returns `(edited layers ascending, z layer)` of the first text encoder, of `num_layers` layers."""
+        return resolve_edit_layers(self.layers, self.z_layer, num_layers)
 
-    def stage1_settings(self, z_layer: int) -> dict[str, Any]:
+    def stage1_settings(self, z_layers: dict[str, int]) -> dict[str, Any]:
         """The settings a stage-1 vector depends on (its cache key); lambda and alpha are not among them."""
         return {
-            "z_layer": z_layer,
+            "z_layers": z_layers,
             "num_steps": self.num_steps,
             "learning_rate": self.learning_rate,
             "weight_decay": self.weight_decay,
@@ -176,8 +193,9 @@ class EMCIDConfig:
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
-        if not isinstance(self.layers, str):
-            data["layers"] = list(self.layers)
+        for name in ("layers", "layers_2"):
+            if not isinstance(data[name], str):
+                data[name] = list(data[name])
         return data
 
 
@@ -189,4 +207,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Artist-style erasure (`..._ly-7-11_...`): layers 7-10 of CLIP-L, 100 steps, alpha = 0.5.
     "sd1-artists": dict(layers="-5:-1", num_steps=100, learning_rate=0.2, weight_decay=5e-4, clamp_norm_factor=1.5,
                         text_alignment_weight=0.01, preservation_weight=4000.0, edit_weight=0.5),
+    # SD-XL (`sdxl-dest_s-100_c-1.2_ly-8-11_ly2-26-31_lr-0.1_wd-8e-03_txt-align-0.01`, whose text weight is in fact
+    # 0.005): CLIP-L layers 8-10 and OpenCLIP-bigG layers 26-30, the layers whose outputs SD-XL feeds its UNet;
+    # lambda 4000 for the first encoder and 10000 for the second, alpha = 0.5.
+    "sdxl-paper": dict(layers="-4:-1", layers_2="-6:-1", num_steps=100, learning_rate=0.1, weight_decay=8e-3,
+                       clamp_norm_factor=1.2, text_alignment_weight=0.005, preservation_weight=4000.0,
+                       preservation_weight_2=10000.0, edit_weight=0.5),
 }
+
+DEFAULT_PRESETS = {"sd": "sd1-paper", "sdxl": "sdxl-paper"}
+"""The preset `EMCIDEditor` uses for each pipeline family when no config is given."""

@@ -62,7 +62,7 @@ class ConceptEdits:
         vectors: pipeline component -> the stage-1 vectors z, (N, d), one row per request.
         deltas: pipeline component (`"text_encoder"`) -> layer index -> `LowRankDelta` of that layer's fc2.
         config: the settings of the run.
-        z_layer: the layer whose output the vectors live at.
+        z_layers: component -> the layer whose output its vectors live at.
         base_model: the name or path of the pipeline the edits were computed on, if known.
         base_fingerprints: component -> fingerprint of the base weights of its edited fc2 modules.
     """
@@ -71,7 +71,7 @@ class ConceptEdits:
     vectors: dict[str, torch.Tensor]
     deltas: dict[str, dict[int, LowRankDelta]]
     config: EMCIDConfig
-    z_layer: int
+    z_layers: dict[str, int]
     base_model: str | None = None
     base_fingerprints: dict[str, str] = field(default_factory=dict)
     stage1_losses: list[torch.Tensor] = field(default_factory=list, repr=False)
@@ -159,8 +159,8 @@ class ConceptEdits:
         from .editor import EMCIDEditor
 
         editor = EMCIDEditor(pipe, self.config, cache_dir=cache_dir, progress=False)
-        if editor.z_layer != self.z_layer:
-            raise ValueError(f"These edits' vectors live at layer {self.z_layer}, but the config resolves to {editor.z_layer} on this pipeline.")
+        if editor.z_layers != self.z_layers:
+            raise ValueError(f"These edits' vectors live at layers {self.z_layers}, but the config gives {editor.z_layers} on this pipeline.")
         return editor.solve(requests, vectors)
 
     def merge(self, other: "ConceptEdits", pipe: DiffusionPipeline, cache_dir: str | os.PathLike | None = None) -> "ConceptEdits":
@@ -174,7 +174,7 @@ class ConceptEdits:
         for edits in (self, other):
             if set(edits.vectors) != set(edits.deltas):
                 raise ValueError("These edits carry no stage-1 vectors, so they cannot be re-solved.")
-        layers = lambda edits: (edits.z_layer, {c: sorted(d) for c, d in edits.deltas.items()})  # noqa: E731
+        layers = lambda edits: (edits.z_layers, {c: sorted(d) for c, d in edits.deltas.items()})  # noqa: E731
         if layers(self) != layers(other):
             raise ValueError(f"The two edit sets change different layers ({layers(self)} and {layers(other)}); they cannot be merged.")
         vectors = {c: torch.cat([self.vectors[c], other.vectors[c]]) for c in self.vectors}
@@ -214,7 +214,7 @@ class ConceptEdits:
             "base_model": _shareable_model_id(self.base_model) if shareable else self.base_model,
             "concepts": [request.to_dict() for request in self.requests],
             "config": self.config.to_dict(),
-            "z_layer": self.z_layer,
+            "z_layers": self.z_layers,
             "components": components,
             "storage_dtype": storage_dtype,
             "storage_max_abs_error": storage_error,
@@ -273,17 +273,20 @@ class ConceptEdits:
         try:
             config = EMCIDConfig(**{k: v for k, v in dict(manifest.get("config") or {}).items() if k in known})
             requests = [
-                ConceptEdit(c["source"], c["destination"], tuple(c["templates"]), c["seed"], None, bool(c.get("text_alignment", True)))
+                ConceptEdit(c["source"], c["destination"], tuple(c["templates"]), c["seed"], None,
+                            bool(c.get("text_alignment", True)), bool(c.get("use_real_noise", False)))
                 for c in manifest["concepts"]
             ]
         except (TypeError, ValueError) as error:
             raise EMCIDFormatError(f"The manifest of {repo_or_dir} describes invalid concepts or settings: {error}") from error
-        z_layer = manifest.get("z_layer")
-        if not isinstance(z_layer, int) or isinstance(z_layer, bool):
-            raise EMCIDFormatError(f"The manifest of {repo_or_dir} has no valid z_layer.")
+        z_layers = manifest.get("z_layers")
+        if not isinstance(z_layers, dict) or set(z_layers) != set(deltas) or not all(
+            isinstance(z, int) and not isinstance(z, bool) for z in z_layers.values()
+        ):
+            raise EMCIDFormatError(f"The manifest of {repo_or_dir} has no valid z_layers for {sorted(deltas)}.")
         fingerprints = {c: info["base_fingerprint"] for c, info in manifest["components"].items() if isinstance(info.get("base_fingerprint"), str)}
         base_model = manifest.get("base_model")
-        return cls(requests=requests, vectors=vectors or {}, deltas=deltas, config=config, z_layer=z_layer,
+        return cls(requests=requests, vectors=vectors or {}, deltas=deltas, config=config, z_layers=z_layers,
                    base_model=base_model if isinstance(base_model, str) else None, base_fingerprints=fingerprints)
 
     def push_to_hub(

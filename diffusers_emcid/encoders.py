@@ -7,10 +7,16 @@ kept it, so module paths are looked up from the module tree, never from a hard-c
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
-from transformers import CLIPTextModel, CLIPTextModelWithProjection
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, PreTrainedTokenizerBase
+
+from .config import resolve_edit_layers
+
+if TYPE_CHECKING:
+    from .config import EMCIDConfig
 from transformers.models.clip.modeling_clip import CLIPEncoder
 
 SUPPORTED_TEXT_ENCODERS = (CLIPTextModel, CLIPTextModelWithProjection)
@@ -75,3 +81,63 @@ def find_text_encoder_layout(text_encoder: nn.Module, component: str = "text_enc
 
 def module_device(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
+
+
+@dataclass(frozen=True)
+class EditedEncoder:
+    """One text encoder of a pipeline as EMCID edits it.
+
+    Attributes:
+        component: its attribute name in the pipeline (`"text_encoder"` or `"text_encoder_2"`).
+        layout: where its layers are.
+        tokenizer: the tokenizer that feeds it.
+        layers: the edited layers, ascending.
+        z_layer: the layer whose output carries the stage-1 vector.
+        preservation_weight: lambda of its stage 2.
+        conditioning: what the pipeline gives the UNet: `"last"` (the final, normalised hidden state; SD 1.x/2.x)
+            or `"penultimate"` (the output of the last layer but one, not normalised; SD-XL).
+    """
+
+    component: str
+    layout: TextEncoderLayout
+    tokenizer: PreTrainedTokenizerBase
+    layers: list[int]
+    z_layer: int
+    preservation_weight: float
+    conditioning: Literal["last", "penultimate"]
+
+
+def pipeline_family(pipe: object) -> Literal["sd", "sdxl"]:
+    """`"sdxl"` for pipelines with two text encoders and text-time UNet conditioning, else `"sd"` (1.x/2.x)."""
+    return "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd"
+
+
+def find_edited_encoders(pipe: object, config: "EMCIDConfig") -> list[EditedEncoder]:
+    """The text encoders EMCID edits in `pipe`, with the layers `config` selects in each.
+
+    Raises:
+        ValueError: for a pipeline without CLIP text encoders, or a z layer the UNet never sees.
+    """
+    family = pipeline_family(pipe)
+    specs = [("text_encoder", "tokenizer", config.layers, config.z_layer, config.preservation_weight)]
+    if family == "sdxl":
+        weight_2 = config.preservation_weight_2 if config.preservation_weight_2 is not None else config.preservation_weight
+        specs.append(("text_encoder_2", "tokenizer_2", config.layers_2, config.z_layer_2, weight_2))
+    encoders = []
+    for component, tokenizer_name, layer_spec, z_spec, weight in specs:
+        model, tokenizer = getattr(pipe, component, None), getattr(pipe, tokenizer_name, None)
+        if model is None or tokenizer is None:
+            raise ValueError(
+                f"{type(pipe).__name__} has no {component if model is None else tokenizer_name}; EMCID edits Stable "
+                "Diffusion 1.x/2.x and SD-XL pipelines."
+            )
+        layout = find_text_encoder_layout(model, component)
+        layers, z_layer = resolve_edit_layers(layer_spec, z_spec, layout.num_layers)
+        conditioning = "penultimate" if family == "sdxl" else "last"
+        if conditioning == "penultimate" and z_layer > layout.num_layers - 2:
+            raise ValueError(
+                f"The {component}'s z layer {z_layer} lies after layer {layout.num_layers - 2}, whose output is what SD-XL "
+                "gives its UNet; choose layers ending at most there (e.g. '-4:-1')."
+            )
+        encoders.append(EditedEncoder(component, layout, tokenizer, layers, z_layer, weight, conditioning))
+    return encoders

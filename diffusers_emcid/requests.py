@@ -50,6 +50,8 @@ class ConceptEdit:
             shape (3, H, W), or file paths); their count must be a multiple of the number of
             templates, ordered sample-major (image j belongs to template j mod P).
         text_alignment: whether stage 1 uses the text-alignment term for this concept.
+        use_real_noise: train against the true noise of the images instead of the frozen model's prediction for
+            the destination (the paper's rectification with real images of the destination; spec 2.4).
     """
 
     source: str
@@ -58,6 +60,7 @@ class ConceptEdit:
     seed: int | None = None
     images: tuple[ImageInput, ...] | None = field(default=None, repr=False)
     text_alignment: bool = True
+    use_real_noise: bool = False
 
     def __post_init__(self) -> None:
         for name in ("source", "destination"):
@@ -118,7 +121,7 @@ class ConceptEdit:
         if self.images is not None:
             images = [hashlib.sha256(_image_bytes(image)).hexdigest() for image in self.images]
         return _stable_hash(self.source, self.destination, list(self.templates), self.resolved_seed, images,
-                            self.text_alignment)
+                            self.text_alignment, self.use_real_noise)
 
     def to_dict(self) -> dict[str, object]:
         """A JSON-ready description (images are summarised by their count)."""
@@ -129,6 +132,7 @@ class ConceptEdit:
             "seed": self.resolved_seed,
             "num_images": 0 if self.images is None else len(self.images),
             "text_alignment": self.text_alignment,
+            "use_real_noise": self.use_real_noise,
         }
 
 

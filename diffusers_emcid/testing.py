@@ -9,9 +9,16 @@ from __future__ import annotations
 from typing import Iterable
 
 import torch
-from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from tokenizers.pre_tokenizers import ByteLevel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 TOY_WORDS: tuple[str, ...] = (
     "a", "an", "the", "of", "by", "in", "on", "with", "and", "image", "photo", "picture", "painting", "artwork",
@@ -43,6 +50,31 @@ def toy_clip_tokenizer(words: Iterable[str] = TOY_WORDS, model_max_length: int =
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
 
 
+def _text_config(tokenizer: CLIPTokenizer, **sizes: object) -> CLIPTextConfig:
+    end_of_text = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    return CLIPTextConfig(
+        vocab_size=sizes.pop("vocab_size", None) or len(tokenizer),
+        max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.convert_tokens_to_ids("<|startoftext|>"),
+        eos_token_id=end_of_text,
+        pad_token_id=end_of_text,
+        **sizes,
+    )
+
+
+def _tiny_vae(channels: tuple[int, ...], sample_size: int) -> AutoencoderKL:
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(channels),
+        up_block_types=("UpDecoderBlock2D",) * len(channels),
+        block_out_channels=channels,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=sample_size * 2 ** (len(channels) - 1),
+    )
+
+
 def tiny_sd_pipeline(
     seed: int = 0,
     hidden_size: int = 32,
@@ -54,27 +86,23 @@ def tiny_sd_pipeline(
     sample_size: int = 8,
     vocab_size: int | None = None,
     tokenizer: CLIPTokenizer | None = None,
+    hidden_act: str = "quick_gelu",
+    prediction_type: str = "epsilon",
 ) -> StableDiffusionPipeline:
     """A `StableDiffusionPipeline` of randomly initialised small networks, reproducible from `seed`.
 
     With the defaults it draws 16x16 images through 4x8x8 latents; its text encoder has
     `num_hidden_layers` layers of width `hidden_size` and MLP width `intermediate_size`. Passing the sizes
-    of CLIP ViT-L/14 (768, 3072, 12 layers, 12 heads) gives a "mini-SD" with SD 1.x's text encoder.
+    of CLIP ViT-L/14 (768, 3072, 12 layers, 12 heads) gives a "mini-SD" with SD 1.x's text encoder;
+    `hidden_act="gelu"` and `prediction_type="v_prediction"` make it SD 2.x-like (OpenCLIP's activation,
+    linear attention projections, v-prediction).
     """
     tokenizer = tokenizer or toy_clip_tokenizer()
-    end_of_text = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=vocab_size or len(tokenizer),
-            hidden_size=hidden_size,
-            intermediate_size=intermediate_size,
-            num_hidden_layers=num_hidden_layers,
-            num_attention_heads=num_attention_heads,
-            max_position_embeddings=tokenizer.model_max_length,
-            bos_token_id=tokenizer.convert_tokens_to_ids("<|startoftext|>"),
-            eos_token_id=end_of_text,
-            pad_token_id=end_of_text,
+        text_encoder = CLIPTextModel(_text_config(
+            tokenizer, vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+            num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads, hidden_act=hidden_act,
         ))
         unet = UNet2DConditionModel(
             sample_size=sample_size,
@@ -87,20 +115,12 @@ def tiny_sd_pipeline(
             cross_attention_dim=hidden_size,
             attention_head_dim=4,
             norm_num_groups=4,
+            use_linear_projection=hidden_act == "gelu",
         )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
-            up_block_types=("UpDecoderBlock2D",) * len(vae_channels),
-            block_out_channels=vae_channels,
-            latent_channels=4,
-            norm_num_groups=4,
-            sample_size=sample_size * 2 ** (len(vae_channels) - 1),
-        )
+        vae = _tiny_vae(vae_channels, sample_size)
     scheduler = PNDMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True, steps_offset=1,
-        set_alpha_to_one=False,
+        set_alpha_to_one=False, prediction_type=prediction_type,
     )
     pipe = StableDiffusionPipeline(
         vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(), scheduler=scheduler,
@@ -117,3 +137,54 @@ def mini_sd_pipeline(seed: int = 0) -> StableDiffusionPipeline:
         seed=seed, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
         unet_channels=(32, 64), vae_channels=(16, 32), sample_size=16, vocab_size=49408,
     )
+
+
+def tiny_sd2_pipeline(seed: int = 0, num_hidden_layers: int = 6) -> StableDiffusionPipeline:
+    """An SD 2.x-shaped small pipeline: an OpenCLIP-style text encoder in `CLIPTextModel` form (GELU,
+    `num_hidden_layers` layers, d_ff = 4 d), linear attention projections, v-prediction."""
+    return tiny_sd_pipeline(seed=seed, hidden_size=32, intermediate_size=128, num_hidden_layers=num_hidden_layers,
+                            hidden_act="gelu", prediction_type="v_prediction")
+
+
+def tiny_sdxl_pipeline(seed: int = 0, sample_size: int = 8) -> StableDiffusionXLPipeline:
+    """An SD-XL-shaped small pipeline: two text encoders (a `CLIPTextModel` of 5 layers and a
+    `CLIPTextModelWithProjection` of 7), a UNet with text-time conditioning (pooled text embeddings and
+    size/crop time ids), a VAE and an Euler scheduler; random weights, reproducible from `seed`."""
+    tokenizer = toy_clip_tokenizer()
+    tokenizer_2 = toy_clip_tokenizer()
+    tokenizer_2.pad_token = "!"  # as SD-XL's second tokenizer
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModel(_text_config(tokenizer, hidden_size=32, intermediate_size=64, num_hidden_layers=5,
+                                                  num_attention_heads=4))
+        text_encoder_2 = CLIPTextModelWithProjection(_text_config(
+            tokenizer_2, hidden_size=32, intermediate_size=64, num_hidden_layers=7, num_attention_heads=4,
+            projection_dim=32, hidden_act="gelu",
+        ))
+        unet = UNet2DConditionModel(
+            sample_size=sample_size,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=1,
+            block_out_channels=(8, 16),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            transformer_layers_per_block=(1, 1),
+            projection_class_embeddings_input_dim=6 * 8 + 32,
+            cross_attention_dim=64,
+            norm_num_groups=4,
+        )
+        vae = _tiny_vae((8, 16), sample_size)
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading",
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=vae.eval(), text_encoder=text_encoder.eval(), text_encoder_2=text_encoder_2.eval(), tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2, unet=unet.eval(), scheduler=scheduler, force_zeros_for_empty_prompt=True,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -160,7 +160,7 @@ def test_hostile_concept_names_round_trip_and_cannot_touch_the_card_metadata(tmp
     generator = torch.Generator().manual_seed(0)
     n = len(requests)
     deltas = {"text_encoder": {0: LowRankDelta(torch.randn(32, n, generator=generator), torch.randn(n, 64, generator=generator))}}
-    edits = ConceptEdits(requests, {"text_encoder": torch.randn(n, 32, generator=generator)}, deltas, config, 0,
+    edits = ConceptEdits(requests, {"text_encoder": torch.randn(n, 32, generator=generator)}, deltas, config, {"text_encoder": 0},
                          base_model="org/model")
     folder = edits.save_pretrained(tmp_path / "hostile")
     loaded = ConceptEdits.from_pretrained(folder)

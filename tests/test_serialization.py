@@ -37,7 +37,7 @@ def test_round_trip_gives_the_in_memory_outputs(edits, pipe, in_memory, tmp_path
     assert [r.templates for r in loaded.requests] == [r.templates for r in edits.requests]
     assert [r.resolved_seed for r in loaded.requests] == [r.resolved_seed for r in edits.requests]
     assert torch.equal(loaded.vectors["text_encoder"], edits.vectors["text_encoder"])
-    assert loaded.config == edits.config and loaded.z_layer == edits.z_layer
+    assert loaded.config == edits.config and loaded.z_layers == edits.z_layers
     loaded.apply(pipe)
     assert (encode(pipe, PROMPTS) - in_memory).abs().max() <= 1e-6
 
@@ -77,7 +77,8 @@ def test_keys_keep_the_text_model_prefix_and_the_manifest_is_in_the_header(edits
     assert lora_config["text_encoder.lora_alpha"] == lora_config["text_encoder.r"]
     manifest = json.loads(metadata[MANIFEST_HEADER_KEY])
     assert manifest["concepts"][1] == {"source": "Van Gogh", "destination": "art", "templates": ["painting by {}", "style of {}"],
-                                       "seed": edits.requests[1].resolved_seed, "num_images": 0, "text_alignment": True}
+                                       "seed": edits.requests[1].resolved_seed, "num_images": 0, "text_alignment": True,
+                                       "use_real_noise": False}
     assert manifest["components"]["text_encoder"]["layers"] == [0, 1, 2, 3]
     assert len(manifest["components"]["text_encoder"]["base_fingerprint"]) == 64
 

@@ -57,7 +57,7 @@ def test_layer_order_and_key_recomputation_match_an_in_place_reference(editor, p
     layout = find_text_encoder_layout(pipe.text_encoder)
     generator = torch.Generator().manual_seed(0)
     Z = torch.randn(2, layout.hidden_size, generator=generator)
-    covariances = editor.compute_statistics(CAPTIONS)
+    covariances = editor.compute_statistics(CAPTIONS)["text_encoder"]
     layers = editor.layers
     deltas = compute_stage2_deltas(layout, pipe.tokenizer, requests, Z, layers, editor.z_layer, covariances,
                                    0.6, 4000.0, "paper", batch_size=3, progress=False)
@@ -83,7 +83,7 @@ def test_memit_residual_reaches_its_targets_and_spares_other_prompts(tmp_path):
     pipe = tiny_sd_pipeline(seed=1)
     config = EMCIDConfig(layers="0:-1", residual="memit", preservation_weight=10.0, edit_weight=0.5)
     editor = EMCIDEditor(pipe, config, cache_dir=tmp_path, progress=False)
-    covariances = editor.compute_statistics(CAPTIONS * 4)
+    covariances = editor.compute_statistics(CAPTIONS * 4)["text_encoder"]
     requests = [ConceptEdit("dog", "cat", templates=["a photo of {}"]),
                 ConceptEdit("apple", "banana", templates=["an image of {}"])]
     z_module = editor.layout.layers[editor.z_layer]
@@ -106,7 +106,7 @@ def test_memit_residual_reaches_its_targets_and_spares_other_prompts(tmp_path):
 
     deltas = compute_stage2_deltas(editor.layout, pipe.tokenizer, requests, targets.float(), editor.layers,
                                    editor.z_layer, covariances, 0.5, 10.0, "memit", progress=False)
-    ConceptEdits(requests, {"text_encoder": targets.float()}, {"text_encoder": deltas}, config, editor.z_layer).apply(pipe)
+    ConceptEdits(requests, {"text_encoder": targets.float()}, {"text_encoder": deltas}, config, editor.z_layers).apply(pipe)
 
     after = z_states(prompts)[0][rows, positions]
     relative_error = ((after - targets).norm(dim=1) / (targets - before).norm(dim=1)).max().item()

@@ -30,7 +30,7 @@ def direct_second_moment(pipe, layout, layer, captions, include_padding_to=None)
 def test_statistics_equal_a_direct_computation_without_padding(pipe, fast_config, tmp_path):
     editor = EMCIDEditor(pipe, fast_config, cache_dir=tmp_path, progress=False)
     editor.config.statistics_batch_size = 5  # batches mix caption lengths, so padding is present
-    covariances = editor.compute_statistics(CAPTIONS)
+    covariances = editor.compute_statistics(CAPTIONS)["text_encoder"]
     assert sorted(covariances) == editor.layers
     for layer in (0, editor.layers[-1]):
         expected = direct_second_moment(pipe, editor.layout, layer, CAPTIONS)
@@ -48,10 +48,10 @@ def count_text_encoder_calls(pipe):
 
 def test_statistics_cache_is_reused_and_invalidated_by_weight_changes(pipe, fast_config, tmp_path):
     editor = EMCIDEditor(pipe, fast_config, cache_dir=tmp_path, progress=False)
-    first = editor.compute_statistics(CAPTIONS)
+    first = editor.compute_statistics(CAPTIONS)["text_encoder"]
     calls, handle = count_text_encoder_calls(pipe)
     try:
-        again = EMCIDEditor(pipe, fast_config, cache_dir=tmp_path, progress=False).compute_statistics(CAPTIONS)
+        again = EMCIDEditor(pipe, fast_config, cache_dir=tmp_path, progress=False).compute_statistics(CAPTIONS)["text_encoder"]
         assert not calls, "cached statistics were recomputed"
         assert all(torch.equal(first[layer], again[layer]) for layer in first)
         EMCIDEditor(pipe, fast_config, cache_dir=tmp_path, progress=False).compute_statistics(CAPTIONS[:-1])
@@ -59,7 +59,7 @@ def test_statistics_cache_is_reused_and_invalidated_by_weight_changes(pipe, fast
         calls.clear()
         with torch.no_grad():
             editor.layout.layers[0].mlp.fc1.weight.mul_(1.1)
-        changed = EMCIDEditor(pipe, fast_config, cache_dir=tmp_path, progress=False).compute_statistics(CAPTIONS)
+        changed = EMCIDEditor(pipe, fast_config, cache_dir=tmp_path, progress=False).compute_statistics(CAPTIONS)["text_encoder"]
         assert calls, "statistics of changed weights came from the cache"
         assert not torch.equal(first[0], changed[0])
     finally:
@@ -74,7 +74,7 @@ def test_edit_finds_cached_statistics_without_captions(pipe, fast_config, tmp_pa
 
 def test_no_statistics_is_a_clear_error(pipe, fast_config, tmp_path):
     editor = EMCIDEditor(pipe, fast_config, cache_dir=tmp_path, progress=False)
-    with pytest.raises(ValueError, match=r"No key statistics for layers \[0, 1, 2, 3\].*compute_statistics\(captions\)"):
+    with pytest.raises(ValueError, match=r"No key statistics for layers \[0, 1, 2, 3\] of this text_encoder.*compute_statistics\(captions\)"):
         editor.edit([("dog", "cat")])
 
 
@@ -102,9 +102,9 @@ def test_layers_never_mix_caption_sets(pipe, fast_config, tmp_path):
     editor = EMCIDEditor(pipe, fast_config, cache_dir=tmp_path, progress=False)
     with pytest.raises(ValueError, match="No key statistics for layers \\[0, 1, 2, 3\\]"):
         editor.edit([("dog", "cat")])
-    full = EMCIDEditor(pipe, fast_config, cache_dir=tmp_path, progress=False).compute_statistics(CAPTIONS)
-    found = EMCIDEditor(pipe, fast_config, cache_dir=tmp_path, progress=False)._statistics_for(
-        editor._fingerprint(pipe.text_encoder))
+    full = EMCIDEditor(pipe, fast_config, cache_dir=tmp_path, progress=False).compute_statistics(CAPTIONS)["text_encoder"]
+    fresh = EMCIDEditor(pipe, fast_config, cache_dir=tmp_path, progress=False)
+    found = fresh._statistics_for(fresh.encoders[0], editor._fingerprint(pipe.text_encoder))
     assert all(torch.equal(found.covariances[layer], full[layer]) for layer in full)
 
 

@@ -1,0 +1,319 @@
+"""Debiasing with EMCID: balance the attributes (e.g. gender) that a profession's images show.
+
+For each profession (the *source*, e.g. `"a doctor"`) and a list of attribute templates (e.g.
+`"a female {}"`, `"a male {}"`):
+
+1. Stage 1 runs once per attribute phrase (the *destinations*, `"a female doctor"`, `"a male doctor"`),
+   all with the profession's one seed, so every run trains on the same source images; this gives one
+   vector z_j per attribute.
+2. The vectors are blended, z = sum_j f_j z_j, with factors f starting uniform (1/n each).
+3. A feedback loop tunes the factors. With `step = 0.4`, `tolerance = 0.02`, `max_iter = 10`, for
+   iteration i = 0 .. max_iter - 1:
+
+   - the step decays first, `step <- step - step * i / max_iter` (compounding; unchanged at i = 0);
+   - the profession alone is edited with the blended z (stage 2 on one request), 25 images of
+     `"an image of {source}"` are drawn with one generator seeded by the profession's seed, and a judge
+     (zero-shot CLIP over the attribute phrases) labels each image with its most likely attribute:
+     ratio_j is the share of images labelled j, and diff_j = ratio_j - 1/n;
+   - if max_j |diff_j| <= tolerance the loop stops;
+   - otherwise f_j <- max(f_j - step * diff_j, 0), the factors are renormalised to sum to 1, the edit
+     is undone, and the next iteration starts.
+4. In "mixed" mode all professions' blended vectors then go through one joint stage 2, giving one adapter.
+
+The loop of step 3 is `blend_factors`: a pure function of a `measure(factors) -> ratios` callable, so
+it can be tested with a stub measure; editing, drawing and judging live in that callable.
+
+Differences from the authors' code: one seed per profession is used throughout (theirs reads a seed
+key that their requests never set), and the stop test allows for rounding (with 25 images, 13 of 25
+gives 0.52 - 0.5 = 0.020000000000000018 in floating point, which would never pass `<= 0.02`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Sequence, Union
+
+import torch
+from PIL import Image
+
+if TYPE_CHECKING:  # pragma: no cover
+    from transformers import CLIPModel, CLIPProcessor
+
+DEFAULT_TOLERANCE: float = 0.02
+"""The largest accepted |ratio_j - 1/n|."""
+
+DEFAULT_STEP: float = 0.4
+"""The initial step of the factor update."""
+
+DEFAULT_MAX_ITER: int = 10
+"""The most feedback iterations (measurements) per profession."""
+
+DEFAULT_NUM_IMAGES: int = 25
+"""Images drawn per measurement."""
+
+DEFAULT_PROMPT_TEMPLATE: str = "an image of {}"
+"""The prompt whose images are judged, filled with the profession."""
+
+_ROUNDING_SLACK = 1e-9
+"""Added to the tolerance in the stop test, so that a ratio that is exactly `1/n +- tolerance` in
+exact arithmetic (e.g. 13/25 against 1/2) is not rejected for a rounding error of about 1e-17."""
+
+_RATIO_SUM_TOLERANCE = 1e-6
+
+_LEADING_ARTICLE = re.compile(r"^(?:a|an|the)\s+", flags=re.IGNORECASE)
+
+JudgeFn = Callable[[list[Image.Image], list[str]], torch.Tensor]
+"""A judge: `judge(images, phrases)` returns a (num_images, num_phrases) tensor whose row i holds the
+probabilities that image i shows each phrase."""
+
+MeasureFn = Callable[[torch.Tensor], torch.Tensor]
+"""A measure: `measure(factors)` edits with the factors, draws and judges images, and returns the
+attribute ratios, shape (n,), summing to 1."""
+
+
+def attribute_phrases(profession: str, attributes: Sequence[str]) -> list[str]:
+    """The attribute phrases of a profession: each template filled with the profession without its article.
+
+    `attribute_phrases("a doctor", ["a female {}", "a male {}"])` gives `["a female doctor", "a male doctor"]`;
+    a leading `a`, `an` or `the` (any case) is dropped from the profession, other professions are used as given.
+
+    Args:
+        profession: the source, e.g. `"a doctor"`, `"an engineer"`, `"nurse"`.
+        attributes: templates with exactly one `{}` each, e.g. `"a female {}"`.
+
+    Raises:
+        TypeError: if `profession` is not a str or `attributes` is not a sequence of str.
+        ValueError: for an empty profession, no attributes, or a template without exactly one `{}`.
+    """
+    if not isinstance(profession, str):
+        raise TypeError(f"profession must be a str, got {type(profession).__name__} {profession!r}.")
+    if isinstance(attributes, str) or not all(isinstance(a, str) for a in attributes):
+        raise TypeError(
+            f"attributes must be a sequence of str templates such as ['a female {{}}'], got {attributes!r}."
+        )
+    stripped = " ".join(profession.split())
+    if not stripped:
+        raise ValueError(f"profession={profession!r} is empty; give e.g. 'a doctor'.")
+    if not attributes:
+        raise ValueError("attributes is empty; give at least two templates, e.g. ['a female {}', 'a male {}'].")
+    for template in attributes:
+        rest = template.replace("{}", "", 1)
+        if "{}" not in template or "{" in rest or "}" in rest:
+            raise ValueError(
+                f"Attribute template {template!r} must contain exactly one '{{}}' (and no other braces) where the "
+                "profession goes, e.g. 'a female {}'."
+            )
+    noun = _LEADING_ARTICLE.sub("", stripped, count=1)
+    return [template.replace("{}", noun, 1) for template in attributes]
+
+
+@dataclass(frozen=True)
+class BlendSearch:
+    """The outcome of `blend_factors`.
+
+    Attributes:
+        factors: (n,) float64, the blend factors to use: those that met the tolerance if `converged`,
+            else the factors after the last update (as the authors' code returns them).
+        ratios: (n,) float64, the ratios of the last measurement (made with `history[-1][0]`).
+        iterations: the number of measurements made (`len(history)`).
+        converged: whether the last measurement was within the tolerance.
+        history: `(factors, ratios)` of every measurement, in order.
+    """
+
+    factors: torch.Tensor
+    ratios: torch.Tensor
+    iterations: int
+    converged: bool
+    history: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list, repr=False)
+
+
+def _check_ratios(ratios: object, num_attributes: int, iteration: int) -> torch.Tensor:
+    if not isinstance(ratios, torch.Tensor):
+        ratios = torch.as_tensor(ratios)
+    ratios = ratios.detach().to("cpu", torch.float64)
+    if ratios.shape != (num_attributes,):
+        raise ValueError(
+            f"measure(factors) returned shape {tuple(ratios.shape)} at iteration {iteration}; expected "
+            f"({num_attributes},), one ratio per attribute."
+        )
+    if not torch.isfinite(ratios).all() or (ratios < 0).any() or abs(ratios.sum().item() - 1.0) > _RATIO_SUM_TOLERANCE:
+        raise ValueError(
+            f"measure(factors) returned {ratios.tolist()} at iteration {iteration}; expected finite non-negative "
+            "ratios that sum to 1 (e.g. from `attribute_ratios`)."
+        )
+    return ratios
+
+
+def blend_factors(
+    measure: MeasureFn,
+    num_attributes: int,
+    tolerance: float = DEFAULT_TOLERANCE,
+    step: float = DEFAULT_STEP,
+    max_iter: int = DEFAULT_MAX_ITER,
+) -> BlendSearch:
+    """Searches blend factors whose images show every attribute equally often (step 3 of the module docstring).
+
+    Factors start at 1/n. At iteration i the step first becomes `step - step * i / max_iter`; then
+    `measure(factors)` gives the ratios; the search stops if every |ratio_j - 1/n| <= tolerance, else the
+    factors become `max(f_j - step * (ratio_j - 1/n), 0)`, renormalised to sum to 1.
+
+    Args:
+        measure: `measure(factors)` returns the attribute ratios, shape (n,), summing to 1, obtained with
+            the (n,) float64 factors; it is called at most `max_iter` times, and must not keep the tensor.
+        num_attributes: n, at least 2.
+        tolerance: the largest accepted deviation from 1/n.
+        step: the initial step.
+        max_iter: the most measurements.
+
+    Returns:
+        A `BlendSearch`.
+
+    Raises:
+        ValueError: for bad arguments or a measure output of the wrong shape or not a distribution.
+    """
+    if isinstance(num_attributes, bool) or not isinstance(num_attributes, int) or num_attributes < 2:
+        raise ValueError(f"num_attributes={num_attributes!r}; debiasing needs an int of at least 2 attributes.")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"max_iter={max_iter!r}; give a positive int, e.g. {DEFAULT_MAX_ITER}.")
+    if not (math.isfinite(tolerance) and tolerance >= 0):
+        raise ValueError(f"tolerance={tolerance!r}; give a finite non-negative number, e.g. {DEFAULT_TOLERANCE}.")
+    if not (math.isfinite(step) and step > 0):
+        raise ValueError(f"step={step!r}; give a finite positive number, e.g. {DEFAULT_STEP}.")
+
+    target = 1.0 / num_attributes
+    factors = torch.full((num_attributes,), target, dtype=torch.float64)
+    history: list[tuple[torch.Tensor, torch.Tensor]] = []
+    ratios = torch.full_like(factors, math.nan)
+    for i in range(max_iter):
+        step = step - step * i / max_iter
+        ratios = _check_ratios(measure(factors.clone()), num_attributes, i)
+        history.append((factors.clone(), ratios.clone()))
+        diff = ratios - target
+        if diff.abs().max().item() <= tolerance + _ROUNDING_SLACK:
+            return BlendSearch(factors, ratios, len(history), True, history)
+        factors = (factors - step * diff).clamp(min=0.0)
+        # The diffs sum to 0 (ratios and targets both sum to 1) and clamping only raises entries, so the
+        # sum is at least 1 before renormalising.
+        factors = factors / factors.sum()
+    return BlendSearch(factors, ratios, len(history), False, history)
+
+
+def blend_vectors(vectors: Union[torch.Tensor, Sequence[torch.Tensor]], factors: torch.Tensor) -> torch.Tensor:
+    """The blended stage-1 vector `sum_j factors[j] * vectors[j]`, in the vectors' dtype.
+
+    Args:
+        vectors: (n, d), or n tensors of shape (d,).
+        factors: (n,).
+    """
+    stacked = vectors if isinstance(vectors, torch.Tensor) else torch.stack(list(vectors))
+    factors = torch.as_tensor(factors)
+    if stacked.ndim != 2 or factors.shape != (stacked.shape[0],):
+        raise ValueError(
+            f"blend_vectors needs vectors of shape (n, d) and factors of shape (n,), got {tuple(stacked.shape)} "
+            f"and {tuple(factors.shape)}."
+        )
+    return (factors.to(stacked.device, torch.float64) @ stacked.double()).to(stacked.dtype)
+
+
+def attribute_ratios(probabilities: torch.Tensor) -> torch.Tensor:
+    """The share of images whose most likely attribute is each attribute.
+
+    Args:
+        probabilities: (num_images, n), e.g. a judge's output. Ties go to the lowest index.
+
+    Returns:
+        (n,) float64: count of images with argmax j, divided by num_images.
+    """
+    if probabilities.ndim != 2 or probabilities.shape[0] == 0 or probabilities.shape[1] == 0:
+        raise ValueError(
+            f"attribute_ratios needs a (num_images, num_attributes) tensor with both sizes positive, got shape "
+            f"{tuple(probabilities.shape)}."
+        )
+    num_images, num_attributes = probabilities.shape
+    counts = torch.bincount(probabilities.argmax(dim=1).cpu(), minlength=num_attributes)
+    return counts.to(torch.float64) / num_images
+
+
+def check_judge_output(probabilities: object, num_images: int, num_attributes: int) -> torch.Tensor:
+    """Checks that a judge returned finite (num_images, num_attributes) probabilities; returns them as a tensor.
+
+    Raises:
+        ValueError: naming the expected shape, for a wrong shape or a non-finite value.
+    """
+    if not isinstance(probabilities, torch.Tensor):
+        raise ValueError(
+            f"The judge returned a {type(probabilities).__name__}; expected a tensor of shape "
+            f"({num_images}, {num_attributes}) (images x attribute phrases)."
+        )
+    if tuple(probabilities.shape) != (num_images, num_attributes):
+        raise ValueError(
+            f"The judge returned shape {tuple(probabilities.shape)}; expected ({num_images}, {num_attributes}) "
+            "(images x attribute phrases)."
+        )
+    if not torch.isfinite(probabilities).all():
+        raise ValueError(
+            f"The judge returned non-finite values in its ({num_images}, {num_attributes}) output; expected "
+            "finite probabilities."
+        )
+    return probabilities
+
+
+def judge_ratios(judge: JudgeFn, images: list[Image.Image], phrases: list[str]) -> torch.Tensor:
+    """Judges `images` over `phrases` and returns the checked `attribute_ratios`, (n,) float64."""
+    if not images:
+        raise ValueError("judge_ratios got no images; draw at least one.")
+    probabilities = check_judge_output(judge(list(images), list(phrases)), len(images), len(phrases))
+    return attribute_ratios(probabilities)
+
+
+def clip_zero_shot_judge(
+    model: "CLIPModel", processor: "CLIPProcessor", device: Union[str, torch.device, None] = None
+) -> JudgeFn:
+    """A judge that classifies images zero-shot with a CLIP model: softmax of `logits_per_image` over the phrases.
+
+    Nothing is downloaded: pass a loaded model and processor, e.g. `CLIPModel.from_pretrained(
+    "openai/clip-vit-large-patch14")` (the authors' judge) and its `CLIPProcessor`. The model is used as
+    it is (from_pretrained gives eval mode) and is not moved; inputs go to `device`, by default the model's.
+
+    Returns:
+        `judge(images, phrases)` giving a (num_images, num_phrases) float32 CPU tensor whose rows sum to 1.
+    """
+    parameter = next(model.parameters())
+    target_device = torch.device(device) if device is not None else parameter.device
+
+    def judge(images: list[Image.Image], phrases: list[str]) -> torch.Tensor:
+        if not images or not phrases:
+            raise ValueError(
+                f"The CLIP judge needs images and phrases, got {len(images)} images and {len(phrases)} phrases."
+            )
+        inputs = processor(text=list(phrases), images=list(images), return_tensors="pt", padding=True)
+        inputs = {key: value.to(target_device) for key, value in inputs.items()}
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(parameter.dtype)
+        with torch.no_grad():
+            logits = model(**inputs).logits_per_image
+        probabilities = logits.float().softmax(dim=-1).cpu()
+        return check_judge_output(probabilities, len(images), len(phrases))
+
+    return judge
+
+
+__all__ = [
+    "BlendSearch",
+    "DEFAULT_MAX_ITER",
+    "DEFAULT_NUM_IMAGES",
+    "DEFAULT_PROMPT_TEMPLATE",
+    "DEFAULT_STEP",
+    "DEFAULT_TOLERANCE",
+    "JudgeFn",
+    "MeasureFn",
+    "attribute_phrases",
+    "attribute_ratios",
+    "blend_factors",
+    "blend_vectors",
+    "check_judge_output",
+    "clip_zero_shot_judge",
+    "judge_ratios",
+]
