@@ -1,6 +1,7 @@
 """diffusers-emcid: EMCID concept editing (Xiong et al., ECCV 2024) for diffusers pipelines."""
 
 from .config import PRESETS, EMCIDConfig
+from .debias import clip_zero_shot_judge
 from .editor import EMCIDEditor
 from .errors import BaseModelMismatchError, ConceptEditsLoadError, EMCIDFormatError, EMCIDNumericalError
 from .edits import ConceptEdits
@@ -26,4 +27,5 @@ __all__ = [
     "EMCIDEditor",
     "LowRankDelta",
     "__version__",
+    "clip_zero_shot_judge",
 ]

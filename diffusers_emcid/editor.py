@@ -18,9 +18,21 @@ from .config import DEFAULT_PRESETS, EMCIDConfig
 from .edits import ConceptEdits, base_weights_fingerprint
 from .encoders import EditedEncoder, TextEncoderLayout, find_edited_encoders, module_device, pipeline_family
 from .errors import EMCIDNumericalError
-from .hooks import adapters_disabled, frozen
+from .debias import (
+    DEFAULT_MAX_ITER,
+    DEFAULT_NUM_IMAGES,
+    DEFAULT_PROMPT_TEMPLATE,
+    DEFAULT_STEP,
+    DEFAULT_TOLERANCE,
+    JudgeFn,
+    attribute_phrases,
+    blend_factors,
+    blend_vectors,
+    judge_ratios,
+)
+from .hooks import adapters_disabled, frozen, low_rank_output_offsets
 from .requests import DEFAULT_TEMPLATES, ConceptEdit, as_concept_edits, canonical_order
-from .stage1 import Stage1Result, optimize_concept_vector
+from .stage1 import Stage1Result, optimize_concept_vector, text_to_image_pipeline
 from .stage2 import compute_stage2_deltas
 from .statistics import CaptionSource, KeyStatistics, compute_key_second_moments, load_captions, sample_captions
 from .tokens import check_prompt_lengths, subject_token_positions
@@ -28,6 +40,8 @@ from .tokens import check_prompt_lengths, subject_token_positions
 logger = logging.getLogger(__name__)
 
 STAGE1_FORMAT = "emcid-stage1-v2"
+DEBIAS_TEMPLATES = ("a photo of {}", "an image of {}", "{}")
+"""The paper's stage-1 templates for debiasing (spec section 1.2)."""
 STATISTICS_FORMAT = "emcid-statistics-v1"
 
 
@@ -214,6 +228,12 @@ class EMCIDEditor:
     def _stage1_key(self, request: ConceptEdit, model_digest: str) -> str:
         return digest(STAGE1_FORMAT, model_digest, request.fingerprint(), self.config.stage1_settings(self.z_layers))
 
+    def _model_digest(self, fingerprints: dict[str, str]) -> str:
+        """Everything of the model a stage-1 vector depends on: weights, noise schedule, vocabularies."""
+        scheduler = {k: v for k, v in self.pipe.scheduler.config.items() if not k.startswith("_")}  # "_..." keys vary run to run
+        vocabularies = [sorted(e.tokenizer.get_vocab().items()) for e in self.encoders]
+        return digest(fingerprints, scheduler, vocabularies)
+
     def _model_fingerprints(self) -> dict[str, str]:
         modules = {encoder.component: encoder.layout.model for encoder in self.encoders}
         return {name: self._fingerprint(module) for name, module in {**modules, "unet": self.pipe.unet, "vae": self.pipe.vae}.items()}
@@ -241,11 +261,8 @@ class EMCIDEditor:
         with self._base_model() as device:
             fingerprints = self._model_fingerprints()
             statistics = self._checked_statistics(fingerprints)
-            scheduler = {k: v for k, v in self.pipe.scheduler.config.items() if not k.startswith("_")}  # "_..." keys vary run to run
-            vocabularies = [sorted(e.tokenizer.get_vocab().items()) for e in self.encoders]
-            model_digest = digest(fingerprints, scheduler, vocabularies)
             noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
-            results = self._stage1(requests, model_digest, noise_scheduler, device)
+            results = self._stage1(requests, self._model_digest(fingerprints), noise_scheduler, device)
             vectors = {e.component: torch.stack([r.vectors[e.component] for r in results]) for e in self.encoders}
             edits = self._solve(requests, vectors, statistics)
         edits.stage1_losses = [result.losses for result in results]
@@ -373,3 +390,87 @@ class EMCIDEditor:
                 changes["text_alignment"] = text_alignment
             rectified.append(dataclasses.replace(request, **changes))
         return self.edit(rectified)
+
+    def debias(
+        self,
+        professions: Sequence[str],
+        attributes: Sequence[str] = ("a female {}", "a male {}"),
+        judge: JudgeFn | None = None,
+        templates: Sequence[str] = DEBIAS_TEMPLATES,
+        num_images: int = DEFAULT_NUM_IMAGES,
+        prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
+        tolerance: float = DEFAULT_TOLERANCE,
+        step: float = DEFAULT_STEP,
+        max_iter: int = DEFAULT_MAX_ITER,
+    ) -> ConceptEdits:
+        """Balances attributes (e.g. gender) in the images of professions; see `diffusers_emcid.debias`.
+
+        Per profession, stage 1 runs once per attribute phrase with one seed; the vectors are blended with
+        factors tuned by a feedback loop that draws `num_images` images with the blended edit and asks `judge`
+        which attribute each shows. All professions' blended vectors then go through one joint stage 2
+        ("mixed" mode): the result is one adapter.
+
+        Args:
+            professions: e.g. `["a doctor", "a nurse"]`.
+            attributes: attribute templates, filled with the profession without its article.
+            judge: `judge(images, phrases) -> (num_images, n) probabilities`, e.g. `clip_zero_shot_judge(model,
+                processor)` with a CLIP model you have.
+            templates: the stage-1 prompt templates (the paper's debiasing templates by default).
+            num_images, prompt_template, tolerance, step, max_iter: the feedback loop's settings.
+        """
+        if judge is None or not callable(judge):
+            raise TypeError("debias() needs judge=callable(images, phrases) -> probabilities, e.g. clip_zero_shot_judge(model, processor).")
+        if isinstance(professions, str) or not professions:
+            raise TypeError(f"debias() takes a non-empty list of professions, e.g. ['a doctor'], got {professions!r}.")
+        groups = []
+        for profession in professions:
+            seed = int(digest("emcid-debias", profession, list(templates))[:8], 16) & 0x7FFFFFFF
+            phrases = attribute_phrases(profession, attributes)
+            groups.append((profession, seed, phrases,
+                           [ConceptEdit(profession, phrase, tuple(templates), seed) for phrase in phrases]))
+        as_concept_edits([group[3][0] for group in groups])  # one entry per profession
+        every_request = [request for group in groups for request in group[3]]
+        self._check_requests(every_request)
+        with self._base_model() as device:
+            fingerprints = self._model_fingerprints()
+            statistics = self._checked_statistics(fingerprints)
+            noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
+            results = self._stage1(every_request, self._model_digest(fingerprints), noise_scheduler, device)
+            by_request = dict(zip((r.fingerprint() for r in every_request), results))
+            blended_requests, blended_vectors = [], {e.component: [] for e in self.encoders}
+            for profession, seed, phrases, requests in groups:
+                vectors = {e.component: torch.stack([by_request[r.fingerprint()].vectors[e.component] for r in requests])
+                           for e in self.encoders}
+                representative = ConceptEdit(profession, " / ".join(phrases), tuple(templates), seed)
+
+                def measure(factors: torch.Tensor) -> torch.Tensor:
+                    blend = {c: blend_vectors(v, factors)[None] for c, v in vectors.items()}
+                    probe = self._solve([representative], blend, statistics)
+                    with self._deltas_in_effect(probe):
+                        images = text_to_image_pipeline(self.pipe)(
+                            prompt_template.format(profession), num_images_per_prompt=num_images,
+                            generator=torch.Generator().manual_seed(seed), output_type="pil",
+                        ).images
+                    return judge_ratios(judge, images, phrases)
+
+                search = blend_factors(measure, len(phrases), tolerance, step, max_iter)
+                logger.info("Debias %r: factors %s after %d measurement(s) (converged: %s), ratios %s", profession,
+                            search.factors.tolist(), search.iterations, search.converged, search.ratios.tolist())
+                blended_requests.append(representative)
+                for component, v in vectors.items():
+                    blended_vectors[component].append(blend_vectors(v, search.factors))
+            ordered = canonical_order(blended_requests)
+            rows = [blended_requests.index(r) for r in ordered]
+            stacked = {c: torch.stack(v)[rows] for c, v in blended_vectors.items()}
+            return self._solve(ordered, stacked, statistics)
+
+    @contextlib.contextmanager
+    def _deltas_in_effect(self, edits: ConceptEdits) -> Iterator[None]:
+        """The pipeline computes as if `edits` were applied (through hooks; its weights stay untouched)."""
+        with contextlib.ExitStack() as stack:
+            for encoder in self.encoders:
+                modules = {str(layer): encoder.layout.fc2(layer) for layer in edits.deltas[encoder.component]}
+                offsets = stack.enter_context(low_rank_output_offsets(modules))
+                for layer, delta in edits.deltas[encoder.component].items():
+                    offsets[str(layer)] = (delta.up, delta.down)
+            yield

@@ -16,7 +16,14 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 import torch
-from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline
+from diffusers import (
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
+    StableDiffusionXLPipeline,
+)
 
 from .adapters import adapter_names, delete_lora_adapter, layers_with_adapter, set_adapter_active, set_adapter_strength
 from .edits import ConceptEdits
@@ -197,7 +204,14 @@ class ConceptEditsLoaderMixin:
         }
 
 
-PIPELINES_WITH_CONCEPT_EDITS = (StableDiffusionPipeline, StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline)
+PIPELINES_WITH_CONCEPT_EDITS = (
+    StableDiffusionPipeline,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionXLPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
+)
 _METHODS = [name for name in vars(ConceptEditsLoaderMixin) if not name.startswith("__")]
 
 

@@ -134,16 +134,22 @@ def model_state(pipe: StableDiffusionPipeline) -> dict[str, torch.Tensor]:
     """A copy of every weight of the pipeline's networks."""
     return {
         f"{name}.{key}": value.detach().clone()
-        for name in ("text_encoder", "unet", "vae")
+        for name in ("text_encoder", "text_encoder_2", "unet", "vae")
+        if getattr(pipe, name, None) is not None
         for key, value in getattr(pipe, name).state_dict().items()
     }
 
 
 def hook_counts(pipe: StableDiffusionPipeline) -> int:
+    """Forward hooks on the pipeline's networks, leaving out those transformers installs for itself (it
+    captures hidden states through hooks that stay once a model was asked for them)."""
     return sum(
-        len(m._forward_hooks) + len(m._forward_pre_hooks)
-        for name in ("text_encoder", "unet", "vae")
-        for m in getattr(pipe, name).modules()
+        1
+        for name in ("text_encoder", "text_encoder_2", "unet", "vae")
+        if getattr(pipe, name, None) is not None
+        for module in getattr(pipe, name).modules()
+        for hook in [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
+        if not getattr(hook, "__module__", "").startswith("transformers.")
     )
 
 
