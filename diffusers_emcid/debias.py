@@ -38,6 +38,8 @@ from typing import TYPE_CHECKING, Callable, Sequence, Union
 import torch
 from PIL import Image
 
+from .requests import check_template
+
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import CLIPModel, CLIPProcessor
 
@@ -99,12 +101,7 @@ def attribute_phrases(profession: str, attributes: Sequence[str]) -> list[str]:
     if not attributes:
         raise ValueError("attributes is empty; give at least two templates, e.g. ['a female {}', 'a male {}'].")
     for template in attributes:
-        rest = template.replace("{}", "", 1)
-        if "{}" not in template or "{" in rest or "}" in rest:
-            raise ValueError(
-                f"Attribute template {template!r} must contain exactly one '{{}}' (and no other braces) where the "
-                "profession goes, e.g. 'a female {}'."
-            )
+        check_template(template, "Attribute template", "the profession", "a female {}")
     noun = _LEADING_ARTICLE.sub("", stripped, count=1)
     return [template.replace("{}", noun, 1) for template in attributes]
 

@@ -261,16 +261,16 @@ class EMCIDEditor:
         with self._base_model() as device:
             fingerprints = self._model_fingerprints()
             statistics = self._checked_statistics(fingerprints)
-            noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
-            results = self._stage1(requests, self._model_digest(fingerprints), noise_scheduler, device)
+            results = self._stage1(requests, fingerprints, device)
             vectors = {e.component: torch.stack([r.vectors[e.component] for r in results]) for e in self.encoders}
             edits = self._solve(requests, vectors, statistics)
         edits.stage1_losses = [result.losses for result in results]
         return edits
 
-    def _stage1(self, requests: list[ConceptEdit], model_digest: str, noise_scheduler: DDPMScheduler,
-                device: torch.device) -> list[Stage1Result]:
+    def _stage1(self, requests: list[ConceptEdit], fingerprints: dict[str, str], device: torch.device) -> list[Stage1Result]:
         """Stage 1 for every request, from the cache where possible; numerical failures are collected."""
+        model_digest = self._model_digest(fingerprints)
+        noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)  # the model's training noise schedule
         results: list[Stage1Result] = []
         failures: list[str] = []
         bar = tqdm(requests, desc="EMCID stage 1", unit="concept", disable=not self.progress)
@@ -434,8 +434,7 @@ class EMCIDEditor:
         with self._base_model() as device:
             fingerprints = self._model_fingerprints()
             statistics = self._checked_statistics(fingerprints)
-            noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
-            results = self._stage1(every_request, self._model_digest(fingerprints), noise_scheduler, device)
+            results = self._stage1(every_request, fingerprints, device)
             by_request = dict(zip((r.fingerprint() for r in every_request), results))
             blended_requests, blended_vectors = [], {e.component: [] for e in self.encoders}
             for profession, seed, phrases, requests in groups:

@@ -34,6 +34,16 @@ def _image_bytes(image: ImageInput) -> bytes:
         return b"file" + file.read()
 
 
+def check_template(template: str, what: str, filler: str, example: str) -> None:
+    """Raises a ValueError unless `template` has exactly one `{}` (where `filler` goes) and no other braces."""
+    rest = template.replace("{}", "", 1)
+    if "{}" not in template or "{" in rest or "}" in rest:
+        raise ValueError(
+            f"{what} {template!r} must contain exactly one '{{}}' (and no other braces) where {filler} goes, "
+            f"e.g. {example!r}."
+        )
+
+
 @dataclass(frozen=True)
 class ConceptEdit:
     """One concept to edit: prompts with `source` should draw what prompts with `destination` draw.
@@ -81,12 +91,7 @@ class ConceptEdit:
         if not templates:
             raise ValueError(f"ConceptEdit({self.source!r}): templates is empty; give at least one, e.g. 'A photo of {{}}'.")
         for template in templates:
-            rest = template.replace("{}", "", 1)
-            if "{}" not in template or "{" in rest or "}" in rest:
-                raise ValueError(
-                    f"ConceptEdit({self.source!r}): template {template!r} must contain exactly one '{{}}' "
-                    "where the concept goes, e.g. 'A photo of {}'."
-                )
+            check_template(template, f"ConceptEdit({self.source!r}): template", "the concept", "A photo of {}")
         object.__setattr__(self, "templates", templates)
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
             raise ValueError(f"ConceptEdit({self.source!r}): seed={self.seed!r} must be a non-negative int or None.")
