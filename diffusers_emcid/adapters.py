@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 from typing import Mapping
 
@@ -11,6 +12,16 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 
 from .encoders import TextEncoderLayout
 from .stage2 import LowRankDelta
+
+
+def check_adapter_name(name: object) -> None:
+    """Raises a ValueError unless `name` can name a PEFT adapter (letters, digits, `_` and `-`, and not an
+    attribute of the module dicts that hold adapter weights)."""
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-]+", name) or hasattr(torch.nn.ModuleDict(), name):
+        raise ValueError(
+            f"{name!r} cannot name an adapter: use letters, digits, '_' and '-' only, and not a name that nn.ModuleDict "
+            "already uses (such as 'update', 'keys', 'to'); e.g. 'concept_edits'."
+        )
 
 
 def adapter_names(model: torch.nn.Module) -> set[str]:

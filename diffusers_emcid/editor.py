@@ -32,7 +32,7 @@ from .debias import (
 )
 from .hooks import adapters_disabled, frozen, low_rank_output_offsets
 from .requests import DEFAULT_TEMPLATES, ConceptEdit, as_concept_edits, canonical_order
-from .stage1 import Stage1Result, optimize_concept_vector, text_to_image_pipeline
+from .stage1 import Stage1Result, image_resolution, optimize_concept_vector, quiet_progress_bar, text_to_image_pipeline
 from .stage2 import compute_stage2_deltas
 from .statistics import CaptionSource, KeyStatistics, compute_key_second_moments, load_captions, sample_captions
 from .tokens import check_prompt_lengths, subject_token_positions
@@ -294,7 +294,7 @@ class EMCIDEditor:
                     self.config.learning_rate, self.config.clamp_norm_factor,
                 )
             results.append(result)
-            bar.set_postfix_str(f"{request.source!r} cached" if entry is not None else f"{request.source!r} done")
+            bar.set_postfix_str(f"{request.source!r} -> {request.destination!r} {'cached' if entry is not None else 'done'}")
         if failures:
             raise EMCIDNumericalError(
                 f"Stage 1 failed for {len(failures)} of {len(requests)} concepts (the others are cached, so a rerun "
@@ -406,8 +406,8 @@ class EMCIDEditor:
         """Balances attributes (e.g. gender) in the images of professions; see `diffusers_emcid.debias`.
 
         Per profession, stage 1 runs once per attribute phrase with one seed; the vectors are blended with
-        factors tuned by a feedback loop that draws `num_images` images with the blended edit and asks `judge`
-        which attribute each shows. All professions' blended vectors then go through one joint stage 2
+        factors tuned by a feedback loop that draws `num_images` images with the blended edit (with the config's
+        image steps, guidance and resolution) and asks `judge` which attribute each shows. All professions' blended vectors then go through one joint stage 2
         ("mixed" mode): the result is one adapter.
 
         Args:
@@ -445,9 +445,13 @@ class EMCIDEditor:
                 def measure(factors: torch.Tensor) -> torch.Tensor:
                     blend = {c: blend_vectors(v, factors)[None] for c, v in vectors.items()}
                     probe = self._solve([representative], blend, statistics)
-                    with self._deltas_in_effect(probe):
-                        images = text_to_image_pipeline(self.pipe)(
+                    drawer = text_to_image_pipeline(self.pipe)
+                    with self._deltas_in_effect(probe), quiet_progress_bar(drawer):
+                        resolution = image_resolution(self.pipe, self.config)
+                        images = drawer(
                             prompt_template.format(profession), num_images_per_prompt=num_images,
+                            num_inference_steps=self.config.image_num_inference_steps,
+                            guidance_scale=self.config.image_guidance_scale, height=resolution, width=resolution,
                             generator=torch.Generator().manual_seed(seed), output_type="pil",
                         ).images
                     return judge_ratios(judge, images, phrases)

@@ -14,7 +14,7 @@ import torch
 from diffusers import DiffusionPipeline
 from huggingface_hub import HfApi, snapshot_download
 
-from .adapters import adapter_names, delete_lora_adapter, inject_lora_deltas
+from .adapters import adapter_names, check_adapter_name, delete_lora_adapter, inject_lora_deltas
 from .cache import fingerprint_tensors
 from .card import render_model_card
 from .config import EMCIDConfig
@@ -130,6 +130,7 @@ class ConceptEdits:
             name: the adapter name.
             force: apply even if the pipeline's base weights differ from those the edits were made on.
         """
+        check_adapter_name(name)
         self.check_fits(pipe, force)
         for component in self.deltas:
             if name in adapter_names(getattr(pipe, component)):

@@ -93,9 +93,11 @@ class ConceptEditsLoaderMixin:
             source = edits
             edits = ConceptEdits.from_pretrained(source, revision=revision, token=token, cache_dir=cache_dir,
                                                  local_files_only=local_files_only)
-            default_name = re.sub(r"[^\w-]", "_", os.path.basename(os.path.normpath(str(source)))) or "concept_edits"
+            default_name = re.sub(r"[^A-Za-z0-9_-]", "_", os.path.basename(os.path.normpath(str(source))))
         else:
             default_name = "concept_edits"
+        if hasattr(torch.nn.ModuleDict(), default_name) or not default_name:
+            default_name = f"{default_name}_edits".lstrip("_")
         taken = set().union(*(adapter_names(getattr(self, c)) for c in edits.deltas if getattr(self, c, None) is not None))
         if adapter_name is None:
             adapter_name, suffix = default_name, 2

@@ -96,7 +96,8 @@ class ConceptEdit:
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
             raise ValueError(f"ConceptEdit({self.source!r}): seed={self.seed!r} must be a non-negative int or None.")
         if self.images is not None:
-            images = tuple(self.images) if not isinstance(self.images, (torch.Tensor, Image.Image, str)) else (self.images,)
+            single = isinstance(self.images, (torch.Tensor, Image.Image, str, os.PathLike))
+            images = (self.images,) if single else tuple(self.images)
             if len(images) == 0 or len(images) % len(templates):
                 raise ValueError(
                     f"ConceptEdit({self.source!r}): {len(images)} images for {len(templates)} templates; give a "

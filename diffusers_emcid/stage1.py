@@ -85,7 +85,8 @@ class Stage1Result:
 
 
 @contextlib.contextmanager
-def _quiet_progress_bar(pipe: DiffusionPipeline) -> Iterator[None]:
+def quiet_progress_bar(pipe: DiffusionPipeline) -> Iterator[None]:
+    """Hides the pipeline's denoising progress bar for the duration (ours show the progress)."""
     previous = dict(getattr(pipe, "_progress_bar_config", {}))
     pipe.set_progress_bar_config(disable=True)
     try:
@@ -142,7 +143,7 @@ def training_images(pipe: DiffusionPipeline, request: ConceptEdit, config: EMCID
     generator = text_to_image_pipeline(pipe)
     image_generator = torch.Generator().manual_seed(request.resolved_seed)
     samples = []
-    with _quiet_progress_bar(generator):
+    with quiet_progress_bar(generator):
         for _ in range(config.samples_per_prompt):
             output = generator(
                 prompts,

@@ -104,3 +104,13 @@ def test_request_lists():
         as_concept_edits(("dog", "cat"))
     with pytest.raises(TypeError, match="Request 1"):
         as_concept_edits([("dog", "cat"), "cow"])
+
+
+def test_a_single_path_is_one_image(tmp_path):
+    from pathlib import Path
+
+    from PIL import Image
+
+    path = tmp_path / "image.png"
+    Image.new("RGB", (8, 8)).save(path)
+    assert ConceptEdit("dog", "cat", templates=["{}"], images=Path(path)).images == (Path(path),)

@@ -171,3 +171,18 @@ def test_the_mixin_serves_a_custom_pipeline_class(folder):
     custom = MyPipeline(**source.components, requires_safety_checker=False)
     name = custom.load_concept_edits(folder)
     assert custom.get_concept_edits()[name]["concepts"] == [("apple", "banana"), ("dog", "cat")]
+
+
+@pytest.mark.parametrize("name", ["update", "keys", "to", "a.b", "", "with space", 3])
+def test_bad_adapter_names_are_refused_before_anything_changes(pipe, folder, name):
+    pipe.load_concept_edits(folder, adapter_name="first")
+    state = model_state(pipe)
+    with pytest.raises(ValueError, match="cannot name an adapter"):
+        pipe.load_concept_edits(folder, adapter_name=name)
+    assert_pipeline_unchanged(pipe, state)
+    assert sorted(pipe.get_concept_edits()) == ["first"]
+
+
+def test_a_folder_named_like_a_module_attribute_gets_a_safe_default_name(editor, tmp_path, pipe):
+    folder = editor.edit([("dog", "cat")]).save_pretrained(tmp_path / "update")
+    assert pipe.load_concept_edits(folder) == "update_edits"
