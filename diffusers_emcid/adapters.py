@@ -36,7 +36,7 @@ def _tuner_layers(model: torch.nn.Module) -> list[tuple[str, BaseTunerLayer]]:
 def inject_lora_deltas(layout: TextEncoderLayout, deltas: Mapping[int, LowRankDelta], adapter_name: str) -> None:
     """Adds `deltas` to a text encoder as the LoRA adapter `adapter_name` (alpha = rank: scale 1).
 
-    Adapters that were active stay active next to the new one.
+    Every layer keeps the active adapters it had; the new adapter is active where it lives.
 
     Raises:
         ValueError: if the text encoder already has an adapter of that name.
@@ -46,7 +46,7 @@ def inject_lora_deltas(layout: TextEncoderLayout, deltas: Mapping[int, LowRankDe
         raise ValueError(
             f"The text encoder already has an adapter named {adapter_name!r}; pass another name or remove it first."
         )
-    active = {name for _, layer in _tuner_layers(model) for name in layer.active_adapters}
+    active = _active_adapters(model)
     paths = {layer: layout.fc2_path(layer) for layer in deltas}
     ranks = {paths[layer]: delta.rank for layer, delta in deltas.items()}
     config = LoraConfig(
@@ -72,12 +72,28 @@ def inject_lora_deltas(layout: TextEncoderLayout, deltas: Mapping[int, LowRankDe
     except Exception:
         delete_lora_adapter(model, adapter_name)
         raise
-    for _, layer in _tuner_layers(model):
-        layer.set_adapter(sorted(active | {adapter_name}))
+    _restore_active_adapters(model, active, add=adapter_name)
+
+
+def _active_adapters(model: torch.nn.Module) -> dict[str, list[str]]:
+    return {path: list(layer.active_adapters) for path, layer in _tuner_layers(model)}
+
+
+def _restore_active_adapters(model: torch.nn.Module, active: dict[str, list[str]], add: str | None = None,
+                             drop: str | None = None) -> None:
+    """Sets each LoRA layer's active adapters to those it had (PEFT's inject and delete change them), plus `add`
+    where that adapter lives, minus `drop`."""
+    for path, layer in _tuner_layers(model):
+        names = [name for name in active.get(path, []) if name != drop]
+        if add is not None and add in getattr(layer, "lora_A", {}):
+            names.append(add)
+        layer.set_adapter(sorted(set(names)))
 
 
 def delete_lora_adapter(model: torch.nn.Module, adapter_name: str) -> None:
-    """Removes the adapter `adapter_name`; a layer left with no adapter becomes its original module again."""
+    """Removes the adapter `adapter_name`; a layer left with no adapter becomes its original module again, and
+    every other layer keeps exactly the active adapters it had."""
+    active = _active_adapters(model)
     for path, layer in _tuner_layers(model):
         if adapter_name not in getattr(layer, "lora_A", {}):
             continue
@@ -85,6 +101,7 @@ def delete_lora_adapter(model: torch.nn.Module, adapter_name: str) -> None:
         if not layer.lora_A:
             parent_path, _, child = path.rpartition(".")
             setattr(model.get_submodule(parent_path), child, layer.get_base_layer())
+    _restore_active_adapters(model, active, drop=adapter_name)
     config = getattr(model, "peft_config", None)
     if config is not None:
         config.pop(adapter_name, None)
@@ -95,6 +112,17 @@ def delete_lora_adapter(model: torch.nn.Module, adapter_name: str) -> None:
 def layers_with_adapter(model: torch.nn.Module, adapter_name: str) -> list[tuple[str, BaseTunerLayer]]:
     """The LoRA layers of `model` that hold the adapter `adapter_name`."""
     return [(path, layer) for path, layer in _tuner_layers(model) if adapter_name in getattr(layer, "lora_A", {})]
+
+
+def adapter_state(model: torch.nn.Module, adapter_name: str) -> tuple[bool, float | None, bool]:
+    """(active in every layer that holds it, its scale if the same in all of them else None, merged anywhere)."""
+    layers = [layer for _, layer in layers_with_adapter(model, adapter_name)]
+    scales = {float(layer.scaling[adapter_name]) for layer in layers}
+    return (
+        bool(layers) and all(adapter_name in layer.active_adapters for layer in layers),
+        scales.pop() if len(scales) == 1 else None,
+        any(adapter_name in getattr(layer, "merged_adapters", []) for layer in layers),
+    )
 
 
 def set_adapter_active(model: torch.nn.Module, adapter_name: str, active: bool) -> None:

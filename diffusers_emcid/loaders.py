@@ -25,17 +25,22 @@ from diffusers import (
     StableDiffusionXLPipeline,
 )
 
-from .adapters import adapter_names, delete_lora_adapter, layers_with_adapter, set_adapter_active, set_adapter_strength
+from .adapters import (
+    adapter_names,
+    adapter_state,
+    delete_lora_adapter,
+    layers_with_adapter,
+    set_adapter_active,
+    set_adapter_strength,
+)
 from .edits import ConceptEdits
 
 
 @dataclass
 class LoadedConceptEdits:
-    """The state of one concept-edit adapter in a pipeline."""
+    """A concept-edit adapter loaded by `load_concept_edits`, and the base weights saved when it was fused."""
 
     edits: ConceptEdits
-    strength: float = 1.0
-    enabled: bool = True
     fused_weights: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
@@ -44,7 +49,13 @@ class LoadedConceptEdits:
 
 
 class ConceptEditsLoaderMixin:
-    """Adds `load_concept_edits` and the controls of loaded edits to a diffusers pipeline."""
+    """Adds `load_concept_edits` and the controls of loaded edits to a diffusers pipeline.
+
+    Whether an edit set is enabled and at what strength is read from its PEFT layers, so it stays true after
+    diffusers' own controls (`set_adapters`, `load_lora_weights`, which makes a newly loaded LoRA the only
+    active one) change them. While a set is fused, no other concept-edit set can be active (PEFT computes a
+    fused layer without its other adapters), so enabling, loading or fusing another one is refused.
+    """
 
     def _concept_edits(self) -> dict[str, LoadedConceptEdits]:
         """The loaded concept edits by adapter name (adapters deleted by other means are forgotten)."""
@@ -53,6 +64,21 @@ class ConceptEditsLoaderMixin:
             if not all(name in adapter_names(getattr(self, c)) for c in state[name].edits.deltas):
                 del state[name]
         return state
+
+    def _status(self, name: str) -> tuple[bool, float | dict[str, float | None]]:
+        """(enabled in every component, strength: one number, or per component where they differ)."""
+        states = {c: adapter_state(getattr(self, c), name) for c in self._concept_edits()[name].edits.deltas}
+        strengths = {c: state[1] for c, state in states.items()}
+        values = set(strengths.values())
+        return all(state[0] for state in states.values()), values.pop() if len(values) == 1 else strengths
+
+    def _refuse_while_fused(self, action: str) -> None:
+        fused = [name for name, state in self._concept_edits().items() if state.fused]
+        if fused:
+            raise ValueError(
+                f"The concept edits {fused[0]!r} are fused, so no other concept edits can be active; call "
+                f"unfuse_concept_edits() before {action}."
+            )
 
     def _select(self, adapter_names: str | Sequence[str] | None) -> list[str]:
         loaded = self._concept_edits()
@@ -89,6 +115,7 @@ class ConceptEditsLoaderMixin:
             ConceptEditsLoadError: `EMCIDFormatError` for a malformed file, `BaseModelMismatchError` for edits that
                 do not fit this pipeline. ValueError: for a taken name. The pipeline is unchanged in every case.
         """
+        self._refuse_while_fused("loading more")
         if not isinstance(edits, ConceptEdits):
             source = edits
             edits = ConceptEdits.from_pretrained(source, revision=revision, token=token, cache_dir=cache_dir,
@@ -115,59 +142,69 @@ class ConceptEditsLoaderMixin:
         values = [strengths] * len(names) if isinstance(strengths, (int, float)) else list(strengths)
         if len(values) != len(names):
             raise ValueError(f"Got {len(values)} strengths for {len(names)} concept edits {names}.")
+        self._refuse_while_fused("changing strengths")
         loaded = self._concept_edits()
-        for name in names:
-            if loaded[name].fused:
-                raise ValueError(f"The concept edits {name!r} are fused; call unfuse_concept_edits() before changing them.")
         for name, value in zip(names, values):
             for component in loaded[name].edits.deltas:
                 set_adapter_strength(getattr(self, component), name, float(value))
-            loaded[name].strength = float(value)
         self.enable_concept_edits(names)
 
-    def _set_enabled(self, adapter_names: str | Sequence[str] | None, enabled: bool) -> None:
+    def _set_enabled(self, names: list[str], enabled: bool) -> None:
         loaded = self._concept_edits()
-        for name in self._select(adapter_names):
-            if loaded[name].fused:
-                raise ValueError(f"The concept edits {name!r} are fused; call unfuse_concept_edits() first.")
+        for name in names:
             for component in loaded[name].edits.deltas:
                 set_adapter_active(getattr(self, component), name, enabled)
-            loaded[name].enabled = enabled
 
     def enable_concept_edits(self, adapter_names: str | Sequence[str] | None = None) -> None:
         """Turns loaded concept edits on (all of them by default)."""
-        self._set_enabled(adapter_names, True)
+        names = self._select(adapter_names)
+        if names:
+            self._refuse_while_fused("enabling concept edits")
+        self._set_enabled(names, True)
 
     def disable_concept_edits(self, adapter_names: str | Sequence[str] | None = None) -> None:
         """Turns loaded concept edits off (all of them by default); the pipeline then draws as without them."""
-        self._set_enabled(adapter_names, False)
+        names = self._select(adapter_names)
+        loaded = self._concept_edits()
+        fused = [name for name in names if loaded[name].fused]
+        if fused:
+            raise ValueError(f"The concept edits {fused[0]!r} are fused; call unfuse_concept_edits() before disabling them.")
+        self._set_enabled(names, False)
 
     @contextlib.contextmanager
     def concept_edits_disabled(self, adapter_names: str | Sequence[str] | None = None) -> Iterator[None]:
         """Within the block, the (given or all) concept edits are off; afterwards they are as before."""
-        loaded = self._concept_edits()
-        names = [name for name in self._select(adapter_names) if loaded[name].enabled]
+        names = [name for name in self._select(adapter_names) if self._status(name)[0]]
         self.disable_concept_edits(names)
         try:
             yield
         finally:
-            self.enable_concept_edits([name for name in names if name in self._concept_edits()])
+            self._set_enabled([name for name in names if name in self._concept_edits()], True)
 
     def fuse_concept_edits(self, adapter_names: str | Sequence[str] | None = None) -> None:
-        """Merges enabled concept edits into the text-encoder weights (faster inference); exactly undone by
-        `unfuse_concept_edits`."""
+        """Merges the enabled concept edits among `adapter_names` into the text-encoder weights (faster inference);
+        exactly undone by `unfuse_concept_edits`. Only one concept-edit set can be fused, and only while no other
+        is active."""
         loaded = self._concept_edits()
-        for name in self._select(adapter_names):
-            state = loaded[name]
-            if state.fused or not state.enabled:
-                continue
-            layers = [(c, path, layer) for c in state.edits.deltas for path, layer in layers_with_adapter(getattr(self, c), name)]
-            busy = [f"{c}.{path}" for c, path, layer in layers if layer.merged]
-            if busy:
-                raise ValueError(f"Other adapters are fused into {busy[0]}; unfuse them before fusing {name!r}.")
-            for component, path, layer in layers:
-                state.fused_weights[(component, path)] = layer.get_base_layer().weight.detach().clone()
-                layer.merge(adapter_names=[name])
+        names = self._select(adapter_names)
+        candidates = [n for n in names if not loaded[n].fused and self._status(n)[0]]
+        if not candidates:
+            return
+        active_others = [n for n in loaded if n not in candidates and self._status(n)[0]]
+        if len(candidates) > 1 or active_others:
+            raise ValueError(
+                f"Cannot fuse {candidates}: only one concept-edit set can be fused, and only while no other is active "
+                f"(active: {sorted(set(candidates + active_others))}); merge sets with ConceptEdits.merge, or disable "
+                "the others first."
+            )
+        (name,) = candidates
+        layers = [(c, path, layer) for c in loaded[name].edits.deltas for path, layer in layers_with_adapter(getattr(self, c), name)]
+        busy = [f"{c}.{path}" for c, path, layer in layers if layer.merged or set(layer.active_adapters) - {name}]
+        if busy:
+            raise ValueError(f"Other adapters are active or fused in {busy[0]}; disable or unfuse them before fusing {name!r}.")
+        for component, path, layer in layers:
+            loaded[name].fused_weights[(component, path)] = layer.get_base_layer().weight.detach().clone()
+            layer.merge(adapter_names=[name])
 
     def unfuse_concept_edits(self, adapter_names: str | Sequence[str] | None = None) -> None:
         """Undoes `fuse_concept_edits`, restoring the saved base weights bit for bit."""
@@ -192,12 +229,16 @@ class ConceptEditsLoaderMixin:
                 delete_lora_adapter(getattr(self, component), name)
 
     def get_concept_edits(self) -> dict[str, dict[str, Any]]:
-        """The loaded concept edits: {adapter name: {concepts, strength, enabled, fused, components, base_model}}."""
+        """The loaded concept edits: {adapter name: {concepts, strength, enabled, fused, components, base_model}}.
+
+        `strength` is one number, or one per text encoder where diffusers' `set_adapters` set them apart.
+        """
+        statuses = {name: self._status(name) for name in self._concept_edits()}
         return {
             name: {
                 "concepts": state.edits.concepts,
-                "strength": state.strength,
-                "enabled": state.enabled,
+                "strength": statuses[name][1],
+                "enabled": statuses[name][0],
                 "fused": state.fused,
                 "components": sorted(state.edits.deltas),
                 "base_model": state.edits.base_model,

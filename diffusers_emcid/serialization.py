@@ -46,9 +46,11 @@ COMPONENTS = ("text_encoder", "text_encoder_2")
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 _KEY_PATTERN = re.compile(
-    r"^(?P<component>text_encoder(?:_2)?)\.text_model\.encoder\.layers\.(?P<layer>\d{1,4})\.mlp\.fc2"
-    r"\.lora_linear_layer\.(?P<factor>down|up)\.weight$"
+    r"(?P<component>text_encoder(?:_2)?)\.text_model\.encoder\.layers\.(?P<layer>0|[1-9][0-9]{0,3})\.mlp\.fc2"
+    r"\.lora_linear_layer\.(?P<factor>down|up)\.weight",
+    re.ASCII,
 )
+FLOAT_DTYPES = ("F32", "F16", "BF16")
 
 
 def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
@@ -196,8 +198,8 @@ def _parse_manifest(text: str | None, path: Path) -> dict[str, Any]:
         raise EMCIDFormatError(f"{path} has no '{MANIFEST_HEADER_KEY}' header: it is not a diffusers-emcid adapter.")
     try:
         manifest = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise EMCIDFormatError(f"The manifest in {path} is not valid JSON ({error}).") from error
+    except (ValueError, RecursionError) as error:  # JSONDecodeError, too-long integers, too deep nesting
+        raise EMCIDFormatError(f"The manifest in {path} is not valid JSON ({type(error).__name__}: {str(error)[:200]}).") from error
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise EMCIDFormatError(f"The manifest in {path} is not a {FORMAT_NAME} manifest.")
     version = manifest.get("format_version")
@@ -247,10 +249,10 @@ def read_adapter_folder(
 
     factors: dict[str, dict[int, dict[str, tuple[list[int], str]]]] = {}
     for key, (shape, dtype) in layout.items():
-        match = _KEY_PATTERN.match(key)
+        match = _KEY_PATTERN.fullmatch(key)
         if match is None:
             raise EMCIDFormatError(f"{weights_path} holds an unexpected tensor {key!r}.")
-        if dtype not in ("F32", "F16", "BF16") or len(shape) != 2:
+        if dtype not in FLOAT_DTYPES or len(shape) != 2:
             raise EMCIDFormatError(f"Tensor {key!r} of {weights_path} is {dtype} of shape {shape}; expected a 2-d float matrix.")
         factors.setdefault(match["component"], {}).setdefault(int(match["layer"]), {})[match["factor"]] = (shape, dtype)
     expected = {name: sorted(info["layers"]) for name, info in manifest["components"].items()}
@@ -288,10 +290,10 @@ def read_adapter_folder(
             raise EMCIDFormatError(
                 f"{vectors_path} does not belong to {weights_path} (an interrupted save into an existing folder?); save again."
             )
-        for name, (shape, _) in vector_layout.items():
+        for name, (shape, dtype) in vector_layout.items():
             info = manifest["components"].get(name)
-            if info is None or shape != [num_concepts, info["hidden_size"]]:
-                raise EMCIDFormatError(f"{vectors_path} holds {name!r} of shape {shape}, which does not fit the manifest.")
+            if info is None or shape != [num_concepts, info["hidden_size"]] or dtype not in FLOAT_DTYPES:
+                raise EMCIDFormatError(f"{vectors_path} holds {name!r} of shape {shape} and type {dtype}, which does not fit the manifest.")
         vectors = _load_tensors(vectors_path)
         if not all(torch.isfinite(v).all() for v in vectors.values()):
             raise EMCIDFormatError(f"{vectors_path} contains NaN or inf.")
