@@ -3,7 +3,7 @@
 For each number of concepts N (`--num-concepts 1 4 16`), with a fresh temporary cache so that nothing is
 reused between runs, it measures:
 
-* statistics: `EMCIDEditor.compute_statistics` on synthetic captions (200 by default), scaled linearly to
+* statistics: `EMCIDEditor.compute_statistics` on synthetic captions (600 by default), scaled linearly to
   seconds per 1,000 captions (C of all 11 edited layers, 3072 x 3072 each);
 * stage 1: seconds per concept of `optimize_concept_vector` (training-image generation included; that part
   is also given on its own), the median over the N concepts (and the repeats);
@@ -24,7 +24,6 @@ import functools
 import json
 import os
 import platform
-import random
 import resource
 import statistics
 import tempfile
@@ -38,7 +37,7 @@ import diffusers_emcid
 from diffusers_emcid import EMCIDConfig, EMCIDEditor
 from diffusers_emcid import editor as editor_module
 from diffusers_emcid import stage1 as stage1_module
-from diffusers_emcid.testing import TOY_WORDS, mini_sd_pipeline
+from diffusers_emcid.testing import mini_sd_pipeline, random_captions
 
 PAPER_NUM_STEPS = 200
 TIMINGS: dict[str, list[float]] = {}
@@ -56,19 +55,6 @@ def timed(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
             TIMINGS.setdefault(name, []).append(time.perf_counter() - start)
 
     return wrapper
-
-
-def synthetic_captions(count: int, seed: int = 0) -> list[str]:
-    """`count` short captions of toy words (kept whole by the toy tokenizer), e.g. "a photo of a red car"."""
-    rng = random.Random(seed)
-    frames = ["a photo of a", "a picture of the", "a painting of a", "an image of a", "a drawing of the"]
-    colours = ["red", "blue", "green"]
-    things = ["dog", "cat", "car", "tree", "house", "apple", "banana", "circle", "square"]
-    extras = ["", " with a dog", " in the house", " on a tree", " by van gogh", " by monet"]
-    assert all(word in TOY_WORDS for part in frames + colours + things + extras for word in part.split())
-    return [
-        f"{rng.choice(frames)} {rng.choice(colours)} {rng.choice(things)}{rng.choice(extras)}" for _ in range(count)
-    ]
 
 
 def concepts(count: int) -> list[tuple[str, str]]:
@@ -92,7 +78,7 @@ def main() -> None:
     parser.add_argument("--num-steps", type=int, default=20, help=f"stage-1 steps (the paper: {PAPER_NUM_STEPS})")
     parser.add_argument("--image-steps", type=int, default=10, help="denoising steps of the training images")
     parser.add_argument("--repeats", type=int, default=1, help="runs per N (each with a fresh cache)")
-    parser.add_argument("--statistics-captions", type=int, default=200)
+    parser.add_argument("--statistics-captions", type=int, default=600)
     args = parser.parse_args()
 
     editor_module.optimize_concept_vector = timed("stage1", editor_module.optimize_concept_vector)
@@ -101,12 +87,12 @@ def main() -> None:
 
     pipe = mini_sd_pipeline()
     config = EMCIDConfig.from_preset("sd1-paper", num_steps=args.num_steps, image_num_inference_steps=args.image_steps)
-    captions = synthetic_captions(args.statistics_captions)
+    captions = random_captions(args.statistics_captions)
     # Untimed warm-up (first calls pay for allocator and BLAS/LAPACK start-up), so N = 1 is not penalised.
     warm_up = EMCIDConfig.from_preset("sd1-paper", num_steps=1, image_num_inference_steps=1)
     with tempfile.TemporaryDirectory(prefix="emcid-bench-") as cache_dir:
         editor = EMCIDEditor(pipe, warm_up, cache_dir=cache_dir, progress=False)
-        editor.compute_statistics(captions[:20])
+        editor.compute_statistics(captions)
         editor.edit(concepts(1))
     results = []
     for num_concepts in args.num_concepts:
@@ -172,7 +158,7 @@ def main() -> None:
             "stage1_seconds_per_concept is the median over concepts (and repeats) of one optimize_concept_vector "
             "call, training-image generation included.",
             f"statistics_seconds_per_1000_captions is compute_statistics on {len(captions)} synthetic captions "
-            "scaled linearly to 1,000 (real captions are longer than these).",
+            "scaled linearly to 1,000 (random toy-word captions of 5-15 words; real captions are similar in length).",
             "peak_rss_mb_process_so_far is the peak resident set size of the whole process up to the end of that "
             "N (ru_maxrss), so it never decreases from one N to the next.",
             "Each N (and repeat) uses a fresh temporary cache, so statistics and stage-1 vectors are recomputed. An "

@@ -23,15 +23,7 @@ import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 
 from diffusers_emcid import EMCIDConfig, EMCIDEditor
-from diffusers_emcid.testing import TOY_WORDS, mini_sd_pipeline, tiny_sd_pipeline
-
-def random_captions(count: int = 600) -> list[str]:
-    """Distinct captions of 5-15 toy words, so that the key statistics of CLIP-L (d_ff = 3072) have full rank."""
-    generator = torch.Generator().manual_seed(0)
-    words = list(TOY_WORDS) + [chr(c) for c in range(ord("a"), ord("z") + 1)]
-    return [" ".join(words[i] for i in torch.randint(len(words), (int(torch.randint(5, 16, (1,), generator=generator)),),
-                                                     generator=generator)) for _ in range(count)]
-
+from diffusers_emcid.testing import mini_sd_pipeline, random_captions, tiny_sd_pipeline
 
 CAPTIONS = random_captions()
 

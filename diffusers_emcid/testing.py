@@ -50,6 +50,18 @@ def toy_clip_tokenizer(words: Iterable[str] = TOY_WORDS, model_max_length: int =
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
 
 
+def random_captions(count: int = 600, seed: int = 0) -> list[str]:
+    """`count` distinct captions of 5-15 random toy words and letters: enough varied tokens (about 10 a caption)
+    for key statistics of full rank, also for CLIP-L's 3072 key dimensions with the default count."""
+    generator = torch.Generator().manual_seed(seed)
+    words = list(TOY_WORDS) + [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    captions = []
+    for _ in range(count):
+        length = int(torch.randint(5, 16, (1,), generator=generator))
+        captions.append(" ".join(words[i] for i in torch.randint(len(words), (length,), generator=generator)))
+    return captions
+
+
 def _text_config(tokenizer: CLIPTokenizer, **sizes: object) -> CLIPTextConfig:
     end_of_text = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     return CLIPTextConfig(

@@ -20,9 +20,8 @@ from diffusers import StableDiffusionPipeline
 
 import diffusers_emcid  # noqa: F401  (adds load_concept_edits & co. to the pipelines)
 from diffusers_emcid import EMCIDConfig, EMCIDEditor
-from diffusers_emcid.testing import tiny_sd_pipeline
+from diffusers_emcid.testing import random_captions, tiny_sd_pipeline
 
-TINY_CAPTIONS = ["a photo of a house", "a red car", "a green tree", "an apple and a banana", "a blue square"]
 
 
 def load_pipeline(model: str | None) -> StableDiffusionPipeline:
@@ -54,7 +53,7 @@ def main() -> None:
     if args.model is None:
         overrides = {"num_steps": 5, "image_num_inference_steps": 2, **overrides}
     editor = EMCIDEditor(pipe, EMCIDConfig.from_preset("sd1-paper", **overrides))
-    editor.compute_statistics(args.captions or TINY_CAPTIONS)
+    editor.compute_statistics(args.captions or random_captions(60))
     edits = editor.edit([("dog", "cat")])
 
     with tempfile.TemporaryDirectory() as folder:
