@@ -17,7 +17,9 @@ from .stage2 import LowRankDelta
 def check_adapter_name(name: object) -> None:
     """Raises a ValueError unless `name` can name a PEFT adapter (letters, digits, `_` and `-`, and not an
     attribute of the module dicts that hold adapter weights)."""
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-]+", name) or hasattr(torch.nn.ModuleDict(), name):
+    if not isinstance(name, str):
+        raise TypeError(f"An adapter name must be a str, got {type(name).__name__} {name!r}.")
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", name) or hasattr(torch.nn.ModuleDict(), name):
         raise ValueError(
             f"{name!r} cannot name an adapter: use letters, digits, '_' and '-' only, and not a name that nn.ModuleDict "
             "already uses (such as 'update', 'keys', 'to'); e.g. 'concept_edits'."
@@ -71,6 +73,7 @@ def inject_lora_deltas(layout: TextEncoderLayout, deltas: Mapping[int, LowRankDe
             raise RuntimeError(f"PEFT did not place the adapter weights {result.unexpected_keys[:4]}.")
     except Exception:
         delete_lora_adapter(model, adapter_name)
+        _restore_active_adapters(model, active)
         raise
     _restore_active_adapters(model, active, add=adapter_name)
 
@@ -97,6 +100,8 @@ def delete_lora_adapter(model: torch.nn.Module, adapter_name: str) -> None:
     for path, layer in _tuner_layers(model):
         if adapter_name not in getattr(layer, "lora_A", {}):
             continue
+        if adapter_name in layer.merged_adapters:
+            layer.unmerge()  # PEFT's delete would leave a merged update in the base weights
         layer.delete_adapter(adapter_name)
         if not layer.lora_A:
             parent_path, _, child = path.rpartition(".")

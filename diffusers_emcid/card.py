@@ -42,7 +42,7 @@ def render_model_card(requests: list[ConceptEdit], base_model: str | None, layer
     )
     more = f"\n\n... and {len(requests) - MAX_LISTED_CONCEPTS} more (see emcid_manifest.json)." if len(requests) > MAX_LISTED_CONCEPTS else ""
     layer_text = "; ".join(f"{component}: layers {values}" for component, values in layers.items())
-    base = f"`{base_model}`" if base_model else "the base model it was made on"
+    base = _cell(base_model) if base_model else "the base model it was made on"
     return f"""---
 {data.to_yaml()}
 ---

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 from typing import Iterable, Iterator, Sequence
@@ -31,10 +32,10 @@ from .debias import (
     judge_ratios,
 )
 from .hooks import adapters_disabled, frozen, low_rank_output_offsets
-from .requests import DEFAULT_TEMPLATES, ConceptEdit, as_concept_edits, canonical_order
+from .requests import DEFAULT_TEMPLATES, ConceptEdit, as_concept_edits, canonical_order, load_image
 from .stage1 import Stage1Result, image_resolution, optimize_concept_vector, quiet_progress_bar, text_to_image_pipeline
 from .stage2 import compute_stage2_deltas
-from .statistics import CaptionSource, KeyStatistics, compute_key_second_moments, load_captions, sample_captions
+from .key_statistics import CaptionSource, KeyStatistics, compute_key_second_moments, load_captions, sample_captions
 from .tokens import check_prompt_lengths, subject_token_positions
 
 logger = logging.getLogger(__name__)
@@ -81,6 +82,12 @@ class EMCIDEditor:
             raise ValueError(
                 f"{type(pipe).__name__} lacks {missing}; EMCID edits Stable Diffusion 1.x/2.x and SD-XL pipelines."
             )
+        if pipe.unet.config.in_channels != 4:
+            raise ValueError(
+                f"{type(pipe).__name__}'s UNet takes {pipe.unet.config.in_channels} input channels (an inpainting "
+                "checkpoint); EMCID trains through a text-to-image UNet. Edit the text-to-image model of the same base, "
+                "then load the edits into this pipeline with load_concept_edits(..., force=True)."
+            )
         self.pipe = pipe
         self.config = config if config is not None else EMCIDConfig.from_preset(DEFAULT_PRESETS[pipeline_family(pipe)])
         self.encoders: list[EditedEncoder] = find_edited_encoders(pipe, self.config)
@@ -114,6 +121,8 @@ class EMCIDEditor:
     def _base_model(self) -> Iterator[torch.device]:
         """The pipeline's networks frozen, with adapters off, on the work device; all restored afterwards."""
         modules = [encoder.layout.model for encoder in self.encoders] + [self.pipe.unet, self.pipe.vae]
+        extras = [getattr(self.pipe, name, None) for name in ("safety_checker", "image_encoder")]
+        modules += [module for module in extras if isinstance(module, torch.nn.Module)]  # they run in image generation
         fused = [name for m in modules for name, layer in m.named_modules() if isinstance(layer, BaseTunerLayer) and layer.merged]
         if fused:
             raise ValueError(
@@ -122,7 +131,7 @@ class EMCIDEditor:
             )
         homes = [module_device(m) for m in modules]
         device = torch.device(self.config.device) if self.config.device else homes[0]
-        with adapters_disabled(*modules), frozen(*modules):
+        with frozen(*modules), adapters_disabled(*modules):  # frozen outermost: it restores what PEFT's toggles change
             try:
                 for module in modules:
                     module.to(device)
@@ -161,7 +170,7 @@ class EMCIDEditor:
         suffix = digest(STATISTICS_FORMAT, digest(texts))[:32]
         with self._base_model():
             for encoder in self.encoders:
-                fingerprint = self._fingerprint(encoder.layout.model)
+                fingerprint = self._encoder_fingerprint(encoder)
                 statistics = self._load_statistics(encoder, fingerprint, suffix)
                 if statistics is None:
                     covariances, count = compute_key_second_moments(
@@ -211,8 +220,13 @@ class EMCIDEditor:
             f"under {self.cache.root / 'statistics'} and found again by later runs."
         )
 
-    def _checked_statistics(self, fingerprints: dict[str, str]) -> dict[str, KeyStatistics]:
-        statistics = {e.component: self._statistics_for(e, fingerprints[e.component]) for e in self.encoders}
+    def _encoder_fingerprint(self, encoder: EditedEncoder) -> str:
+        """What key statistics depend on: the encoder's weights and its tokenizer."""
+        return digest(self._fingerprint(encoder.layout.model), self._tokenizer_digest(encoder))
+
+    def _checked_statistics(self) -> dict[str, KeyStatistics]:
+        """The statistics of every edited encoder, refused if rank-deficient."""
+        statistics = {e.component: self._statistics_for(e, self._encoder_fingerprint(e)) for e in self.encoders}
         for encoder in self.encoders:
             statistics[encoder.component].check_rank(encoder.layout.intermediate_size)
         return statistics
@@ -220,6 +234,13 @@ class EMCIDEditor:
     # ---------------------------------------------------------------- editing
 
     def _check_requests(self, requests: list[ConceptEdit]) -> None:
+        """Fails fast on prompts the tokenizers cannot place, and on images that cannot be read."""
+        for request in requests:
+            for image in request.images or ():
+                try:
+                    load_image(image)
+                except (OSError, ValueError) as error:
+                    raise ValueError(f"ConceptEdit({request.source!r}): image {str(image)[:80]!r} cannot be used: {error}") from error
         for encoder in self.encoders:
             for request in requests:
                 check_prompt_lengths(encoder.tokenizer, request.source_prompts + request.destination_prompts)
@@ -229,10 +250,20 @@ class EMCIDEditor:
         return digest(STAGE1_FORMAT, model_digest, request.fingerprint(), self.config.stage1_settings(self.z_layers))
 
     def _model_digest(self, fingerprints: dict[str, str]) -> str:
-        """Everything of the model a stage-1 vector depends on: weights, noise schedule, vocabularies."""
-        scheduler = {k: v for k, v in self.pipe.scheduler.config.items() if not k.startswith("_")}  # "_..." keys vary run to run
-        vocabularies = [sorted(e.tokenizer.get_vocab().items()) for e in self.encoders]
-        return digest(fingerprints, scheduler, vocabularies)
+        """Everything of the model a stage-1 vector depends on: weights, configs, schedulers, tokenizers."""
+        configs = [dict(module.config) for module in (self.pipe.unet, self.pipe.vae, self.pipe.scheduler)]
+        configs = [{k: v for k, v in c.items() if k != "_use_default_values"} for c in configs]  # its order varies
+        encoders = [(e.layout.model.config.to_dict(), self._tokenizer_digest(e)) for e in self.encoders]
+        return digest(fingerprints, configs, type(self.pipe.scheduler).__name__, encoders)
+
+    @staticmethod
+    def _tokenizer_digest(encoder: EditedEncoder) -> str:
+        """How an encoder's tokenizer splits text: its full definition where it has one, else its vocabulary."""
+        backend = getattr(encoder.tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            return digest(sorted(encoder.tokenizer.get_vocab().items()))
+        definition = json.loads(backend.to_str())  # parsed, so that digest sorts its maps (written in hash order)
+        return digest({k: v for k, v in definition.items() if k not in ("truncation", "padding")})  # per-call settings
 
     def _model_fingerprints(self) -> dict[str, str]:
         modules = {encoder.component: encoder.layout.model for encoder in self.encoders}
@@ -260,7 +291,7 @@ class EMCIDEditor:
         self._check_requests(requests)
         with self._base_model() as device:
             fingerprints = self._model_fingerprints()
-            statistics = self._checked_statistics(fingerprints)
+            statistics = self._checked_statistics()
             results = self._stage1(requests, fingerprints, device)
             vectors = {e.component: torch.stack([r.vectors[e.component] for r in results]) for e in self.encoders}
             edits = self._solve(requests, vectors, statistics)
@@ -321,7 +352,7 @@ class EMCIDEditor:
         vectors = {name: v[rows] for name, v in vectors.items()}
         self._check_requests(ordered)
         with self._base_model():
-            return self._solve(ordered, vectors, self._checked_statistics(self._model_fingerprints()))
+            return self._solve(ordered, vectors, self._checked_statistics())
 
     def _solve(self, requests: list[ConceptEdit], vectors: dict[str, torch.Tensor],
                statistics: dict[str, KeyStatistics]) -> ConceptEdits:
@@ -422,6 +453,14 @@ class EMCIDEditor:
             raise TypeError("debias() needs judge=callable(images, phrases) -> probabilities, e.g. clip_zero_shot_judge(model, processor).")
         if isinstance(professions, str) or not professions:
             raise TypeError(f"debias() takes a non-empty list of professions, e.g. ['a doctor'], got {professions!r}.")
+        if len(attributes) < 2:
+            raise ValueError(f"debias() balances at least two attributes, got {list(attributes)!r}; e.g. ['a female {{}}', 'a male {{}}'].")
+        if not (isinstance(num_images, int) and num_images > 0 and isinstance(max_iter, int) and max_iter > 0
+                and step > 0 and tolerance >= 0):
+            raise ValueError(
+                f"debias() needs num_images > 0, max_iter > 0, step > 0 and tolerance >= 0; got {num_images}, {max_iter}, "
+                f"{step}, {tolerance}."
+            )
         groups = []
         for profession in professions:
             seed = int(digest("emcid-debias", profession, list(templates))[:8], 16) & 0x7FFFFFFF
@@ -433,7 +472,7 @@ class EMCIDEditor:
         self._check_requests(every_request)
         with self._base_model() as device:
             fingerprints = self._model_fingerprints()
-            statistics = self._checked_statistics(fingerprints)
+            statistics = self._checked_statistics()
             results = self._stage1(every_request, fingerprints, device)
             by_request = dict(zip((r.fingerprint() for r in every_request), results))
             blended_requests, blended_vectors = [], {e.component: [] for e in self.encoders}

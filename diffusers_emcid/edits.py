@@ -155,11 +155,16 @@ class ConceptEdits:
 
     # ------------------------------------------------------------------ combining
 
+    def _check_resolvable(self) -> None:
+        if set(self.vectors) != set(self.deltas):
+            raise ValueError(f"{self!r} carries no stage-1 vectors (its folder had no emcid_vectors.safetensors), so it cannot be re-solved.")
+
     def _resolve(self, requests: list[ConceptEdit], vectors: dict[str, torch.Tensor], pipe: DiffusionPipeline,
                  cache_dir: str | os.PathLike | None) -> "ConceptEdits":
         from .editor import EMCIDEditor
 
-        editor = EMCIDEditor(pipe, self.config, cache_dir=cache_dir, progress=False)
+        config = dataclasses.replace(self.config, device=None)  # a stored device may not exist here
+        editor = EMCIDEditor(pipe, config, cache_dir=cache_dir, progress=False)
         if editor.z_layers != self.z_layers:
             raise ValueError(f"These edits' vectors live at layers {self.z_layers}, but the config gives {editor.z_layers} on this pipeline.")
         return editor.solve(requests, vectors)
@@ -172,9 +177,14 @@ class ConceptEdits:
             pipe: the base pipeline the edits were made on.
             cache_dir: the EMCID cache holding its key statistics (see `EMCIDEditor`).
         """
-        for edits in (self, other):
-            if set(edits.vectors) != set(edits.deltas):
-                raise ValueError("These edits carry no stage-1 vectors, so they cannot be re-solved.")
+        self._check_resolvable()
+        other._check_resolvable()
+        stage2 = lambda c: (c.edit_weight, c.preservation_weight, c.preservation_weight_2, c.residual)  # noqa: E731
+        if stage2(self.config) != stage2(other.config):
+            raise ValueError(
+                f"The two edit sets were solved with other stage-2 settings (alpha, lambda, lambda_2, residual: "
+                f"{stage2(self.config)} and {stage2(other.config)}); re-solve one with the other's config first."
+            )
         layers = lambda edits: (edits.z_layers, {c: sorted(d) for c, d in edits.deltas.items()})  # noqa: E731
         if layers(self) != layers(other):
             raise ValueError(f"The two edit sets change different layers ({layers(self)} and {layers(other)}); they cannot be merged.")
@@ -183,6 +193,7 @@ class ConceptEdits:
 
     def without(self, sources: Iterable[str], pipe: DiffusionPipeline, cache_dir: str | os.PathLike | None = None) -> "ConceptEdits":
         """The edit set minus the concepts with these sources (case-insensitive), re-solved by stage 2 like `merge`."""
+        self._check_resolvable()
         drop = {" ".join(s.lower().split()) for s in sources}
         keep = [i for i, r in enumerate(self.requests) if " ".join(r.source.lower().split()) not in drop]
         unknown = drop - {" ".join(r.source.lower().split()) for r in self.requests}

@@ -112,16 +112,17 @@ def low_rank_output_offsets(modules: Mapping[str, nn.Linear]) -> Iterator[dict[s
 @contextlib.contextmanager
 def frozen(*modules: nn.Module) -> Iterator[None]:
     """Puts modules in eval mode with `requires_grad=False` and restores both flags afterwards."""
-    states = [(m, m.training, [(p, p.requires_grad) for p in m.parameters()]) for m in modules]
+    training = [(m, m.training) for module in modules for m in module.modules()]
+    flags = [(p, p.requires_grad) for module in modules for p in module.parameters()]
     try:
         for module in modules:
             module.eval().requires_grad_(False)
         yield
     finally:
-        for module, training, flags in states:
-            module.train(training)
-            for parameter, flag in flags:
-                parameter.requires_grad_(flag)
+        for module, mode in training:
+            module.training = mode
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
 
 
 @contextlib.contextmanager

@@ -10,6 +10,7 @@ these methods touch only the concept-edit adapters.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -57,7 +58,7 @@ class ConceptEditsLoaderMixin:
     fused layer without its other adapters), so enabling, loading or fusing another one is refused.
     """
 
-    def _concept_edits(self) -> dict[str, LoadedConceptEdits]:
+    def _emcid_loaded(self) -> dict[str, LoadedConceptEdits]:
         """The loaded concept edits by adapter name (adapters deleted by other means are forgotten)."""
         state = self.__dict__.setdefault("_emcid_loaded_edits", {})
         for name in list(state):
@@ -65,23 +66,23 @@ class ConceptEditsLoaderMixin:
                 del state[name]
         return state
 
-    def _status(self, name: str) -> tuple[bool, float | dict[str, float | None]]:
+    def _emcid_status(self, name: str) -> tuple[bool, float | dict[str, float | None]]:
         """(enabled in every component, strength: one number, or per component where they differ)."""
-        states = {c: adapter_state(getattr(self, c), name) for c in self._concept_edits()[name].edits.deltas}
+        states = {c: adapter_state(getattr(self, c), name) for c in self._emcid_loaded()[name].edits.deltas}
         strengths = {c: state[1] for c, state in states.items()}
         values = set(strengths.values())
         return all(state[0] for state in states.values()), values.pop() if len(values) == 1 else strengths
 
-    def _refuse_while_fused(self, action: str) -> None:
-        fused = [name for name, state in self._concept_edits().items() if state.fused]
+    def _emcid_refuse_while_fused(self, action: str) -> None:
+        fused = [name for name, state in self._emcid_loaded().items() if state.fused]
         if fused:
             raise ValueError(
                 f"The concept edits {fused[0]!r} are fused, so no other concept edits can be active; call "
                 f"unfuse_concept_edits() before {action}."
             )
 
-    def _select(self, adapter_names: str | Sequence[str] | None) -> list[str]:
-        loaded = self._concept_edits()
+    def _emcid_select(self, adapter_names: str | Sequence[str] | None) -> list[str]:
+        loaded = self._emcid_loaded()
         names = list(loaded) if adapter_names is None else [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         unknown = [name for name in names if name not in loaded]
         if unknown:
@@ -115,14 +116,16 @@ class ConceptEditsLoaderMixin:
             ConceptEditsLoadError: `EMCIDFormatError` for a malformed file, `BaseModelMismatchError` for edits that
                 do not fit this pipeline. ValueError: for a taken name. The pipeline is unchanged in every case.
         """
-        self._refuse_while_fused("loading more")
+        self._emcid_refuse_while_fused("loading more")
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength):
+            raise TypeError(f"strength={strength!r} must be a finite number, e.g. 1.0.")
         if not isinstance(edits, ConceptEdits):
             source = edits
             edits = ConceptEdits.from_pretrained(source, revision=revision, token=token, cache_dir=cache_dir,
                                                  local_files_only=local_files_only)
             default_name = re.sub(r"[^A-Za-z0-9_-]", "_", os.path.basename(os.path.normpath(str(source))))
         else:
-            default_name = "concept_edits"
+            default_name = "emcid"
         if hasattr(torch.nn.ModuleDict(), default_name) or not default_name:
             default_name = f"{default_name}_edits".lstrip("_")
         taken = set().union(*(adapter_names(getattr(self, c)) for c in edits.deltas if getattr(self, c, None) is not None))
@@ -131,66 +134,66 @@ class ConceptEditsLoaderMixin:
             while adapter_name in taken:
                 adapter_name, suffix = f"{default_name}_{suffix}", suffix + 1
         edits.apply(self, adapter_name, force=force)
-        self._concept_edits()[adapter_name] = LoadedConceptEdits(edits)
+        self._emcid_loaded()[adapter_name] = LoadedConceptEdits(edits)
         if strength != 1.0:
             self.set_concept_edits(adapter_name, strength)
         return adapter_name
 
     def set_concept_edits(self, adapter_names: str | Sequence[str], strengths: float | Sequence[float] = 1.0) -> None:
         """Sets the strength of loaded concept edits (and enables them); other adapters are left alone."""
-        names = self._select(adapter_names)
+        names = self._emcid_select(adapter_names)
         values = [strengths] * len(names) if isinstance(strengths, (int, float)) else list(strengths)
         if len(values) != len(names):
             raise ValueError(f"Got {len(values)} strengths for {len(names)} concept edits {names}.")
-        self._refuse_while_fused("changing strengths")
-        loaded = self._concept_edits()
+        self._emcid_refuse_while_fused("changing strengths")
+        loaded = self._emcid_loaded()
         for name, value in zip(names, values):
             for component in loaded[name].edits.deltas:
                 set_adapter_strength(getattr(self, component), name, float(value))
         self.enable_concept_edits(names)
 
-    def _set_enabled(self, names: list[str], enabled: bool) -> None:
-        loaded = self._concept_edits()
+    def _emcid_set_enabled(self, names: list[str], enabled: bool) -> None:
+        loaded = self._emcid_loaded()
         for name in names:
             for component in loaded[name].edits.deltas:
                 set_adapter_active(getattr(self, component), name, enabled)
 
     def enable_concept_edits(self, adapter_names: str | Sequence[str] | None = None) -> None:
         """Turns loaded concept edits on (all of them by default)."""
-        names = self._select(adapter_names)
+        names = [name for name in self._emcid_select(adapter_names) if not self._emcid_status(name)[0]]
         if names:
-            self._refuse_while_fused("enabling concept edits")
-        self._set_enabled(names, True)
+            self._emcid_refuse_while_fused(f"enabling {names}")
+        self._emcid_set_enabled(names, True)
 
     def disable_concept_edits(self, adapter_names: str | Sequence[str] | None = None) -> None:
         """Turns loaded concept edits off (all of them by default); the pipeline then draws as without them."""
-        names = self._select(adapter_names)
-        loaded = self._concept_edits()
+        names = self._emcid_select(adapter_names)
+        loaded = self._emcid_loaded()
         fused = [name for name in names if loaded[name].fused]
         if fused:
             raise ValueError(f"The concept edits {fused[0]!r} are fused; call unfuse_concept_edits() before disabling them.")
-        self._set_enabled(names, False)
+        self._emcid_set_enabled(names, False)
 
     @contextlib.contextmanager
     def concept_edits_disabled(self, adapter_names: str | Sequence[str] | None = None) -> Iterator[None]:
         """Within the block, the (given or all) concept edits are off; afterwards they are as before."""
-        names = [name for name in self._select(adapter_names) if self._status(name)[0]]
+        names = [name for name in self._emcid_select(adapter_names) if self._emcid_status(name)[0]]
         self.disable_concept_edits(names)
         try:
             yield
         finally:
-            self._set_enabled([name for name in names if name in self._concept_edits()], True)
+            self._emcid_set_enabled([name for name in names if name in self._emcid_loaded()], True)
 
     def fuse_concept_edits(self, adapter_names: str | Sequence[str] | None = None) -> None:
         """Merges the enabled concept edits among `adapter_names` into the text-encoder weights (faster inference);
         exactly undone by `unfuse_concept_edits`. Only one concept-edit set can be fused, and only while no other
         is active."""
-        loaded = self._concept_edits()
-        names = self._select(adapter_names)
-        candidates = [n for n in names if not loaded[n].fused and self._status(n)[0]]
+        loaded = self._emcid_loaded()
+        names = self._emcid_select(adapter_names)
+        candidates = [n for n in names if not loaded[n].fused and self._emcid_status(n)[0]]
         if not candidates:
             return
-        active_others = [n for n in loaded if n not in candidates and self._status(n)[0]]
+        active_others = [n for n in loaded if n not in candidates and self._emcid_status(n)[0]]
         if len(candidates) > 1 or active_others:
             raise ValueError(
                 f"Cannot fuse {candidates}: only one concept-edit set can be fused, and only while no other is active "
@@ -208,8 +211,8 @@ class ConceptEditsLoaderMixin:
 
     def unfuse_concept_edits(self, adapter_names: str | Sequence[str] | None = None) -> None:
         """Undoes `fuse_concept_edits`, restoring the saved base weights bit for bit."""
-        loaded = self._concept_edits()
-        for name in self._select(adapter_names):
+        loaded = self._emcid_loaded()
+        for name in self._emcid_select(adapter_names):
             state = loaded[name]
             for (component, path), weight in state.fused_weights.items():
                 layer = getattr(self, component).get_submodule(path)
@@ -221,9 +224,9 @@ class ConceptEditsLoaderMixin:
 
     def unload_concept_edits(self, adapter_names: str | Sequence[str] | None = None) -> None:
         """Removes concept edits (all of them by default); the text encoders get their base weights back."""
-        names = self._select(adapter_names)
+        names = self._emcid_select(adapter_names)
         self.unfuse_concept_edits(names)
-        loaded = self._concept_edits()
+        loaded = self._emcid_loaded()
         for name in names:
             for component in loaded.pop(name).edits.deltas:
                 delete_lora_adapter(getattr(self, component), name)
@@ -233,7 +236,7 @@ class ConceptEditsLoaderMixin:
 
         `strength` is one number, or one per text encoder where diffusers' `set_adapters` set them apart.
         """
-        statuses = {name: self._status(name) for name in self._concept_edits()}
+        statuses = {name: self._emcid_status(name) for name in self._emcid_loaded()}
         return {
             name: {
                 "concepts": state.edits.concepts,
@@ -243,7 +246,7 @@ class ConceptEditsLoaderMixin:
                 "components": sorted(state.edits.deltas),
                 "base_model": state.edits.base_model,
             }
-            for name, state in self._concept_edits().items()
+            for name, state in self._emcid_loaded().items()
         }
 
 
@@ -262,5 +265,5 @@ def add_concept_edit_methods(*pipeline_classes: type) -> None:
     """Gives pipeline classes the methods of `ConceptEditsLoaderMixin` (skipping names they already define)."""
     for cls in pipeline_classes:
         for name in _METHODS:
-            if name not in vars(cls):
+            if not hasattr(cls, name):
                 setattr(cls, name, vars(ConceptEditsLoaderMixin)[name])

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence, Union
+from typing import Iterable, Union
 
 import numpy as np
 import torch
 from PIL import Image
+
+from .cache import digest
 
 DEFAULT_TEMPLATES: tuple[str, ...] = ("An image of {}", "A photo of {}", "{}")
 """The paper's three prompt templates for object edits (spec section 1.2)."""
@@ -18,9 +19,6 @@ DEFAULT_TEMPLATES: tuple[str, ...] = ("An image of {}", "A photo of {}", "{}")
 ImageInput = Union[Image.Image, torch.Tensor, str, os.PathLike]
 
 
-def _stable_hash(*parts: object) -> str:
-    """A sha256 hex digest of a JSON rendering of `parts` (stable across processes and platforms)."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
 def _image_bytes(image: ImageInput) -> bytes:
@@ -93,8 +91,13 @@ class ConceptEdit:
         for template in templates:
             check_template(template, f"ConceptEdit({self.source!r}): template", "the concept", "A photo of {}")
         object.__setattr__(self, "templates", templates)
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise TypeError(f"ConceptEdit({self.source!r}): seed={self.seed!r} must be a non-negative int or None.")
+        if self.seed is not None and self.seed < 0:
             raise ValueError(f"ConceptEdit({self.source!r}): seed={self.seed!r} must be a non-negative int or None.")
+        for name in ("text_alignment", "use_real_noise"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"ConceptEdit({self.source!r}): {name}={getattr(self, name)!r} must be True or False.")
         if self.images is not None:
             single = isinstance(self.images, (torch.Tensor, Image.Image, str, os.PathLike))
             images = (self.images,) if single else tuple(self.images)
@@ -119,14 +122,14 @@ class ConceptEdit:
         """The seed used for this request: the given one, or a stable hash of the request's text."""
         if self.seed is not None:
             return self.seed
-        return int(_stable_hash(self.source, self.destination, list(self.templates))[:8], 16) & 0x7FFFFFFF
+        return int(digest(self.source, self.destination, list(self.templates))[:8], 16) & 0x7FFFFFFF
 
     def fingerprint(self) -> str:
         """A digest of everything in the request that changes its stage-1 vector, image bytes included."""
         images = None
         if self.images is not None:
             images = [hashlib.sha256(_image_bytes(image)).hexdigest() for image in self.images]
-        return _stable_hash(self.source, self.destination, list(self.templates), self.resolved_seed, images,
+        return digest(self.source, self.destination, list(self.templates), self.resolved_seed, images,
                             self.text_alignment, self.use_real_noise)
 
     def to_dict(self) -> dict[str, object]:
@@ -147,7 +150,12 @@ def load_image(image: ImageInput) -> torch.Tensor:
     if isinstance(image, torch.Tensor):
         if image.ndim != 3 or image.shape[0] != 3:
             raise ValueError(f"An image tensor must have shape (3, H, W), got {tuple(image.shape)}.")
-        return image.detach().float().cpu()
+        if image.dtype == torch.uint8:
+            return image.detach().float().cpu() / 255
+        image = image.detach().float().cpu()
+        if not torch.isfinite(image).all() or image.min() < 0 or image.max() > 1:
+            raise ValueError("A float image tensor must hold values in [0, 1] (or be uint8 in [0, 255]).")
+        return image
     if not isinstance(image, Image.Image):
         image = Image.open(image)
     array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0

@@ -115,7 +115,7 @@ def predict(model: Model, op: tuple) -> tuple[str, Model]:
             return "refused", model
         names = list(sets) if target is None else [target]
         if kind == "enable":
-            if names and any_fused:
+            if any_fused and any(not sets[name].enabled for name in names):
                 return "refused", model
             for name in names:
                 sets[name].enabled = True
