@@ -149,3 +149,45 @@ def test_fused_lora_is_refused(editor, pipe):
 def test_hooks_clean_after_statistics(pipe, fast_config, tmp_path):
     EMCIDEditor(pipe, fast_config, cache_dir=tmp_path, progress=False).compute_statistics(CAPTIONS)
     assert hook_counts(pipe) == 0
+
+
+def test_edit_keeps_every_module_flag_and_other_adapters_as_they_were(editor, pipe):
+    edits = editor.edit([("dog", "cat")])
+    edits.apply(pipe, name="kept")
+    pipe.text_encoder.encoder.layers[1].eval()
+    pipe.text_encoder.train()
+    pipe.text_encoder.encoder.layers[1].eval()
+    modes = [m.training for m in pipe.text_encoder.modules()]
+    grads = [p.requires_grad for p in pipe.text_encoder.parameters()]
+    editor.edit([("apple", "banana")])
+    assert [m.training for m in pipe.text_encoder.modules()] == modes
+    assert [p.requires_grad for p in pipe.text_encoder.parameters()] == grads
+
+
+def test_removing_a_fused_adapter_restores_the_base_weights(editor, pipe):
+    edits = editor.edit([("dog", "cat")])
+    state = model_state(pipe)
+    edits.apply(pipe)
+    for module in pipe.text_encoder.modules():
+        if hasattr(module, "merge") and hasattr(module, "lora_A") and "emcid" in module.lora_A:
+            module.merge(adapter_names=["emcid"])
+    edits.remove(pipe)
+    for key, value in model_state(pipe).items():
+        torch.testing.assert_close(value, state[key], rtol=0, atol=1e-6)
+
+
+def test_inpainting_unets_are_refused_with_a_way_out(pipe):
+    from diffusers import UNet2DConditionModel
+
+    pipe.unet = UNet2DConditionModel(**{**pipe.unet.config, "in_channels": 9})
+    with pytest.raises(ValueError, match="9 input channels.*text-to-image model of the same base"):
+        EMCIDEditor(pipe)
+
+
+def test_image_inputs_are_checked_before_stage_1(editor, pipe):
+    uint8 = [torch.full((3, 16, 16), 255, dtype=torch.uint8)] * 3
+    assert editor.edit([ConceptEdit("dog", "cat", images=uint8)]).concepts == [("dog", "cat")]
+    with pytest.raises(ValueError, match="values in \\[0, 1\\]"):
+        editor.edit([ConceptEdit("apple", "banana", images=[torch.full((3, 8, 8), 2.0)] * 3)])
+    with pytest.raises(ValueError, match="cannot be used"):
+        editor.edit([ConceptEdit("apple", "banana", images=["/no/such/image.png"] * 3)])
