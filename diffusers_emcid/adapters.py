@@ -112,6 +112,8 @@ def delete_lora_adapter(model: torch.nn.Module, adapter_name: str) -> None:
         config.pop(adapter_name, None)
         if not config:
             del model.peft_config
+            if getattr(model, "_hf_peft_config_loaded", False):
+                model._hf_peft_config_loaded = False  # transformers' flag, set when diffusers loaded a LoRA through it
 
 
 def layers_with_adapter(model: torch.nn.Module, adapter_name: str) -> list[tuple[str, BaseTunerLayer]]:

@@ -202,7 +202,8 @@ class ConceptEditsLoaderMixin:
             )
         (name,) = candidates
         layers = [(c, path, layer) for c in loaded[name].edits.deltas for path, layer in layers_with_adapter(getattr(self, c), name)]
-        busy = [f"{c}.{path}" for c, path, layer in layers if layer.merged or set(layer.active_adapters) - {name}]
+        busy = [f"{c}.{path}" for c, path, layer in layers
+                if layer.merged or {a for a in layer.active_adapters if a in layer.lora_A} - {name}]
         if busy:
             raise ValueError(f"Other adapters are active or fused in {busy[0]}; disable or unfuse them before fusing {name!r}.")
         for component, path, layer in layers:

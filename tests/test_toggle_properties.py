@@ -320,6 +320,12 @@ class Toggling:
             else:
                 assert outcome != "refused", f"{where}: should have raised ValueError"
                 model = after
+                if op[0] in ("style_load", "style_delete"):
+                    # diffusers' and PEFT's own rules decide which adapters stay active (a new LoRA becomes the only
+                    # active one; deleting the only active one activates a remaining one): the model adopts what
+                    # get_concept_edits() reports, and the outputs must then match it exactly
+                    for name, info in self.pipe.get_concept_edits().items():
+                        model.sets[name].enabled = info["enabled"]
             self.check(model, where)
         # back to base: unload everything
         self.pipe.unload_concept_edits()
@@ -347,6 +353,10 @@ REGRESSIONS = {
     "load-next-to-style-keeps-a-disabled-set-off": [("style_load",), ("load", "A"), ("disable", "A"), ("load", "B")],
     "style-delete-keeps-a-disabled-set-off": [("style_load",), ("load", "A"), ("disable", "A"), ("style_delete",)],
     "style-load-switches-the-edits-off": [("load", "A"), ("style_load",)],
+    "style-delete-after-style-load": [("load", "A"), ("style_load",), ("style_delete",)],
+    "fuse-next-to-an-inactive-lora-name": [("load", "A"), ("style_load",), ("load", "B"), ("fuse", None)],
+    "style-load-after-unloading-everything": [("load", "A"), ("style_load",), ("style_delete",), ("unload", None),
+                                              ("style_load",)],
 }
 
 
