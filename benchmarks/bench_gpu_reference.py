@@ -87,23 +87,18 @@ def cost(device: str, tiny: bool, steps: int, image_steps: int) -> dict:
         timings = {}
         generate, optimise = stage1_module.training_images, editor_module.optimize_concept_vector
 
-        def timed_images(*args, **kwargs):
-            start = time.perf_counter()
-            images = generate(*args, **kwargs)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            timings["images"] = time.perf_counter() - start
-            return images
+        def timed(name, function):
+            def wrapper(*args, **kwargs):
+                start = time.perf_counter()
+                result = function(*args, **kwargs)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                timings[name] = time.perf_counter() - start
+                return result
+            return wrapper
 
-        def timed_optimise(*args, **kwargs):
-            start = time.perf_counter()
-            result = optimise(*args, **kwargs)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            timings["stage1"] = time.perf_counter() - start
-            return result
-
-        stage1_module.training_images, editor_module.optimize_concept_vector = timed_images, timed_optimise
+        stage1_module.training_images = timed("images", generate)
+        editor_module.optimize_concept_vector = timed("stage1", optimise)
         try:
             if device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
