@@ -17,7 +17,7 @@ from typing import Any, Iterable
 import torch
 from huggingface_hub import constants
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 CACHE_FORMAT_VERSION = 1
@@ -95,8 +95,7 @@ class TensorCache:
             return None
         try:
             with safe_open(str(path), framework="pt") as file:
-                metadata = file.metadata() or {}
-            return load_file(str(path)), metadata
+                return {key: file.get_tensor(key) for key in file.keys()}, file.metadata() or {}
         except (SafetensorError, OSError, ValueError):
             return None
 

@@ -255,6 +255,7 @@ def optimize_concept_vector(
     deltas = [torch.zeros_like(h, requires_grad=True) for h in h0]
     optimizer = torch.optim.Adam(deltas, lr=config.learning_rate)
     radii = [config.clamp_norm_factor * h.norm() for h in h0]
+    decay_scales = [config.weight_decay / h.norm() ** 2 for h in h0]  # the decay is ||delta|| / ||h0||^2
     use_text_term = config.text_alignment_weight > 0 and request.text_alignment
     prediction_type = noise_scheduler.config.prediction_type
     prompt_index = torch.arange(num_prompts)
@@ -280,8 +281,8 @@ def optimize_concept_vector(
                 else:
                     target = latents if prediction_type == "sample" else noise
         loss = F.mse_loss(prediction.float(), target.float())
-        for delta, h in zip(deltas, h0):
-            loss = loss + config.weight_decay * delta.norm() / h.norm() ** 2
+        for delta, scale in zip(deltas, decay_scales):
+            loss = loss + scale * delta.norm()
         if use_text_term:
             for pooled, target_pooled in zip(edited.pooled, target_conditioning.pooled):
                 loss = loss + config.text_alignment_weight * F.mse_loss(pooled.float(), target_pooled.float())
