@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
 
 ResidualMode = Literal["paper", "memit"]
+Stage1Mode = Literal["fast", "reference"]
 LayerSpec = str | Sequence[int]
 
 
@@ -85,6 +86,11 @@ class EMCIDConfig:
         image_guidance_scale: classifier-free guidance of the training-image generation.
         image_resolution: side of the training images in pixels; `None` uses the pipeline's default.
 
+        early_stopping_window: stop a concept's stage 1 early when the mean loss of its last
+            `early_stopping_window` steps is not below the mean of the window before by at least
+            `early_stopping_min_improvement` (relative); `None` (the paper's setting) runs every step.
+        early_stopping_min_improvement: the relative improvement a window must bring to go on.
+
     Stage 2 (closed form, spec section 3):
         preservation_weight: lambda, the weight of the key covariance C (`mom2_update_weight`).
         edit_weight: alpha in `dW = alpha R K^T ((1-alpha) lambda C + alpha K K^T)^-1`, in (0, 1).
@@ -101,6 +107,12 @@ class EMCIDConfig:
         statistics_batch_size: captions per forward pass when computing C.
 
     Runtime:
+        stage1_mode: `"fast"` optimises `concept_batch_size` concepts together and runs only the text-encoder
+            layers after the z layer at each step (the layers before it are computed once); `"reference"` is
+            the plain path of the paper, one concept at a time with full text-encoder passes. Both give the
+            same vectors up to floating-point rounding.
+        concept_batch_size: concepts optimised together in `"fast"` mode (one UNet batch of all their prompts);
+            a concept's result does not depend on the others in its batch.
         stage2_batch_size: prompts per forward pass when gathering stage-2 keys and values.
         dtype: autocast dtype for the frozen networks in stage 1 (`"bfloat16"`, `"float16"`) or `None`
             for the pipeline's own precision. Delta, its Adam state and the loss stay in float32.
@@ -119,6 +131,8 @@ class EMCIDConfig:
     image_num_inference_steps: int = 50
     image_guidance_scale: float = 7.5
     image_resolution: int | None = None
+    early_stopping_window: int | None = None
+    early_stopping_min_improvement: float = 0.01
     preservation_weight: float = 4000.0
     edit_weight: float = 0.6
     residual: ResidualMode = "paper"
@@ -127,6 +141,8 @@ class EMCIDConfig:
     preservation_weight_2: float | None = None
     statistics_num_samples: int = 100_000
     statistics_batch_size: int = 100
+    stage1_mode: Stage1Mode = "fast"
+    concept_batch_size: int = 8
     stage2_batch_size: int = 256
     dtype: str | None = None
     device: str | None = None
@@ -137,7 +153,7 @@ class EMCIDConfig:
             if not isinstance(getattr(self, name), str):
                 setattr(self, name, tuple(getattr(self, name)))
         positive_ints = ("num_steps", "samples_per_prompt", "image_num_inference_steps",
-                         "statistics_num_samples", "statistics_batch_size", "stage2_batch_size")
+                         "statistics_num_samples", "statistics_batch_size", "stage2_batch_size", "concept_batch_size")
         for name in positive_ints:
             value = getattr(self, name)
             minimum = 0 if name == "num_steps" else 1
@@ -156,6 +172,17 @@ class EMCIDConfig:
                 f"EMCIDConfig.edit_weight={self.edit_weight!r} must lie strictly between 0 and 1 "
                 "(alpha = 1 drops the preservation term and makes the stage-2 system singular)."
             )
+        if self.early_stopping_window is not None and (
+            isinstance(self.early_stopping_window, bool) or not isinstance(self.early_stopping_window, int)
+            or self.early_stopping_window < 1
+        ):
+            raise ValueError(f"EMCIDConfig.early_stopping_window={self.early_stopping_window!r} must be an int >= 1 or None.")
+        if not 0 <= self.early_stopping_min_improvement < 1:
+            raise ValueError(
+                f"EMCIDConfig.early_stopping_min_improvement={self.early_stopping_min_improvement!r} must lie in [0, 1)."
+            )
+        if self.stage1_mode not in ("fast", "reference"):
+            raise ValueError(f"EMCIDConfig.stage1_mode={self.stage1_mode!r} must be 'fast' or 'reference'.")
         if self.residual not in ("paper", "memit"):
             raise ValueError(f"EMCIDConfig.residual={self.residual!r} must be 'paper' or 'memit'.")
         if self.dtype not in (None, "float32", "float16", "bfloat16"):
@@ -176,7 +203,8 @@ class EMCIDConfig:
         return resolve_edit_layers(self.layers, self.z_layer, num_layers)
 
     def stage1_settings(self, z_layers: dict[str, int]) -> dict[str, Any]:
-        """The settings a stage-1 vector depends on (its cache key); lambda and alpha are not among them."""
+        """The settings a stage-1 vector depends on (its cache key). Lambda and alpha are not among them, nor are
+        `stage1_mode` and `concept_batch_size`, which change how the vectors are computed, not what they are."""
         return {
             "z_layers": z_layers,
             "num_steps": self.num_steps,
@@ -189,6 +217,8 @@ class EMCIDConfig:
             "image_guidance_scale": self.image_guidance_scale,
             "image_resolution": self.image_resolution,
             "dtype": self.dtype,
+            "early_stopping": None if self.early_stopping_window is None
+            else (self.early_stopping_window, self.early_stopping_min_improvement),
         }
 
     def to_dict(self) -> dict[str, Any]:

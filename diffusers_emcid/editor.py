@@ -10,6 +10,8 @@ import os
 from typing import Iterable, Iterator, Sequence
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list, gather_object
 from diffusers import DDPMScheduler, DiffusionPipeline
 from peft.tuners.tuners_utils import BaseTunerLayer
 from tqdm.auto import tqdm
@@ -33,14 +35,14 @@ from .debias import (
 )
 from .hooks import adapters_disabled, frozen, low_rank_output_offsets
 from .requests import DEFAULT_TEMPLATES, ConceptEdit, as_concept_edits, canonical_order, load_image
-from .stage1 import Stage1Result, image_resolution, optimize_concept_vector, quiet_progress_bar, text_to_image_pipeline
+from .stage1 import Stage1Result, image_resolution, optimize_concept_vectors, quiet_progress_bar, text_to_image_pipeline
 from .stage2 import compute_stage2_deltas
 from .key_statistics import CaptionSource, KeyStatistics, compute_key_second_moments, load_captions, sample_captions
 from .tokens import check_prompt_lengths, subject_token_positions
 
 logger = logging.getLogger(__name__)
 
-STAGE1_FORMAT = "emcid-stage1-v2"
+STAGE1_FORMAT = "emcid-stage1-v3"
 DEBIAS_TEMPLATES = ("a photo of {}", "an image of {}", "{}")
 """The paper's stage-1 templates for debiasing (spec section 1.2)."""
 STATISTICS_FORMAT = "emcid-statistics-v1"
@@ -273,7 +275,9 @@ class EMCIDEditor:
         """Computes the edits of all `requests` jointly; the pipeline's weights are not changed.
 
         Stage-1 vectors are cached on disk by content, so a repeated or interrupted run recomputes only
-        what is missing. The result keeps the concepts in a canonical order (by source), so it does not
+        what is missing. Under `accelerate launch --num_processes n` (one pipeline per process, e.g. moved to
+        `PartialState().device`, and one cache folder all processes share), stage 1 is shared out between the
+        processes; the main process then runs stage 2 and every process returns its result. The result keeps the concepts in a canonical order (by source), so it does not
         depend on the order of `requests`.
 
         Args:
@@ -294,44 +298,69 @@ class EMCIDEditor:
             statistics = self._checked_statistics()
             results = self._stage1(requests, fingerprints, device)
             vectors = {e.component: torch.stack([r.vectors[e.component] for r in results]) for e in self.encoders}
-            edits = self._solve(requests, vectors, statistics)
-        edits.stage1_losses = [result.losses for result in results]
-        return edits
+            state = PartialState()
+            edits = [self._solve(requests, vectors, statistics) if state.is_main_process else None]
+            if state.num_processes > 1:
+                broadcast_object_list(edits, from_process=0)
+        edits[0].stage1_losses = [result.losses for result in results]
+        return edits[0]
 
     def _stage1(self, requests: list[ConceptEdit], fingerprints: dict[str, str], device: torch.device) -> list[Stage1Result]:
-        """Stage 1 for every request, from the cache where possible; numerical failures are collected."""
+        """Stage 1 for every request, from the cache where possible; numerical failures are collected.
+
+        Missing vectors are computed `concept_batch_size` concepts at a time (one at a time in `"reference"` mode)
+        and cached as each batch ends. Under `accelerate launch` with several processes, the missing concepts are
+        shared out between the processes, each caches its own, and all of them then read every vector from the
+        (shared) cache.
+        """
         model_digest = self._model_digest(fingerprints)
-        noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)  # the model's training noise schedule
-        results: list[Stage1Result] = []
-        failures: list[str] = []
-        bar = tqdm(requests, desc="EMCID stage 1", unit="concept", disable=not self.progress)
-        for request in bar:
-            key = self._stage1_key(request, model_digest)
-            entry = self.cache.load("stage1", key)
-            if entry is not None:
-                result = Stage1Result.from_tensors(entry[0])
-            else:
-                try:
-                    result = optimize_concept_vector(self.pipe, self.encoders, request, self.config, noise_scheduler, device)
-                except EMCIDNumericalError as error:
-                    failures.append(str(error))
-                    continue
-                self.cache.save("stage1", key, result.to_tensors(), {"source": request.source, "destination": request.destination})
-            if self.config.num_steps and result.clamp_hits == self.config.num_steps:
-                logger.warning(
-                    "Stage 1 of %r -> %r: the norm bound clamp_norm_factor * ||h0|| was hit at every one of %d steps, "
-                    "so the edit is as strong as the bound allows, not as the loss asks. Lower learning_rate (now %g) "
-                    "or raise clamp_norm_factor (now %g).", request.source, request.destination, self.config.num_steps,
-                    self.config.learning_rate, self.config.clamp_norm_factor,
-                )
-            results.append(result)
-            bar.set_postfix_str(f"{request.source!r} -> {request.destination!r} {'cached' if entry is not None else 'done'}")
+        keys = [self._stage1_key(request, model_digest) for request in requests]
+        entries = {key: self.cache.load("stage1", key) for key in keys}
+        missing = [(key, request) for key, request in dict(zip(keys, requests)).items() if entries[key] is None]
+        state = PartialState()
+        with state.split_between_processes(missing) as shard:
+            failures = self._compute_stage1(shard, device)
+        if state.num_processes > 1:
+            failures = [failure for part in gather_object([failures]) for failure in part]
         if failures:
             raise EMCIDNumericalError(
                 f"Stage 1 failed for {len(failures)} of {len(requests)} concepts (the others are cached, so a rerun "
                 "computes only these):\n- " + "\n- ".join(failures)
             )
+        entries.update({key: self.cache.load("stage1", key) for key, _ in missing})
+        results = []
+        for key, request in zip(keys, requests):
+            result = Stage1Result.from_tensors(entries[key][0])
+            if self.config.num_steps and result.clamp_hits == len(result.losses):
+                logger.warning(
+                    "Stage 1 of %r -> %r: the norm bound clamp_norm_factor * ||h0|| was hit at every one of %d steps, "
+                    "so the edit is as strong as the bound allows, not as the loss asks. Lower learning_rate (now %g) "
+                    "or raise clamp_norm_factor (now %g).", request.source, request.destination, len(result.losses),
+                    self.config.learning_rate, self.config.clamp_norm_factor,
+                )
+            results.append(result)
         return results
+
+    def _compute_stage1(self, work: list[tuple[str, ConceptEdit]], device: torch.device) -> list[str]:
+        """Runs stage 1 for `(cache key, request)` pairs in concept batches and caches each vector; returns the
+        messages of the concepts that failed."""
+        noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)  # the model's training noise schedule
+        batch_size = self.config.concept_batch_size if self.config.stage1_mode == "fast" else 1
+        failures: list[str] = []
+        bar = tqdm(total=len(work), desc="EMCID stage 1", unit="concept", disable=not self.progress)
+        for start in range(0, len(work), batch_size):
+            batch = work[start : start + batch_size]
+            results = optimize_concept_vectors(self.pipe, self.encoders, [request for _, request in batch], self.config,
+                                               noise_scheduler, device)
+            for (key, request), result in zip(batch, results):
+                if isinstance(result, EMCIDNumericalError):
+                    failures.append(str(result))
+                    continue
+                self.cache.save("stage1", key, result.to_tensors(), {"source": request.source, "destination": request.destination})
+            bar.update(len(batch))
+            bar.set_postfix_str(f"last: {batch[-1][1].source!r} -> {batch[-1][1].destination!r}")
+        bar.close()
+        return failures
 
     def solve(self, requests: Iterable[ConceptEdit | tuple[str, str]], vectors: dict[str, torch.Tensor]) -> ConceptEdits:
         """Stage 2 alone: writes concepts with known stage-1 vectors into the text encoders' layers.

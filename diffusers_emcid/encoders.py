@@ -17,7 +17,7 @@ from .config import resolve_edit_layers
 
 if TYPE_CHECKING:
     from .config import EMCIDConfig
-from transformers.models.clip.modeling_clip import CLIPEncoder
+from transformers.models.clip.modeling_clip import CLIPEncoder, CLIPTextEmbeddings
 
 SUPPORTED_TEXT_ENCODERS = (CLIPTextModel, CLIPTextModelWithProjection)
 
@@ -28,6 +28,8 @@ class TextEncoderLayout:
 
     Attributes:
         model: the text encoder.
+        encoder: the module that runs `layers` in order (a `CLIPEncoder`).
+        embeddings: the token and position embeddings, whose output feeds layer 0.
         layers: its transformer layers (`encoder.layers`).
         layers_path: the dotted path of `layers` inside `model` (`"encoder.layers"` or
             `"text_model.encoder.layers"`, depending on the transformers version and class).
@@ -36,6 +38,8 @@ class TextEncoderLayout:
     """
 
     model: nn.Module
+    encoder: nn.Module
+    embeddings: nn.Module
     layers: nn.ModuleList
     layers_path: str
 
@@ -73,9 +77,13 @@ def find_text_encoder_layout(text_encoder: nn.Module, component: str = "text_enc
             f"The pipeline's {component} is a {type(text_encoder).__name__}; EMCID edits CLIP text encoders "
             f"({supported}), as used by Stable Diffusion 1.x, 2.x and SD-XL."
         )
-    for path, module in text_encoder.named_modules():
-        if isinstance(module, CLIPEncoder):
-            return TextEncoderLayout(model=text_encoder, layers=module.layers, layers_path=f"{path}.layers")
+    modules = dict(text_encoder.named_modules())
+    encoders = [path for path, module in modules.items() if isinstance(module, CLIPEncoder)]
+    embeddings = [module for module in modules.values() if isinstance(module, CLIPTextEmbeddings)]
+    if encoders and embeddings:
+        encoder = modules[encoders[0]]
+        return TextEncoderLayout(model=text_encoder, encoder=encoder, embeddings=embeddings[0], layers=encoder.layers,
+                                 layers_path=f"{encoders[0]}.layers")
     raise ValueError(f"No CLIPEncoder found inside the pipeline's {component} ({type(text_encoder).__name__}).")
 
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Mapping
+from typing import TYPE_CHECKING, Iterator, Mapping
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
+
+if TYPE_CHECKING:
+    from .encoders import TextEncoderLayout
 
 
 class StopForward(Exception):
@@ -43,6 +46,29 @@ def residual_addition(layer: nn.Module, positions: torch.Tensor, delta: torch.Te
     try:
         yield
     finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def layers_skipped_to(layout: "TextEncoderLayout", layer: int, states: torch.Tensor) -> Iterator[None]:
+    """Runs the text encoder from the output of `layer` on, with `states` as that output.
+
+    Layers `0..layer` are taken out of the encoder and the embeddings' output is replaced by `states`,
+    so a forward pass computes only the later layers, the final norm and the pooled outputs (which
+    still find the end-of-text token from `input_ids`). Exact for causal encoders such as CLIP's,
+    given states computed from the same tokens.
+
+    Args:
+        layout: the text encoder.
+        layer: the last layer whose output `states` holds.
+        states: (B, T, d), the output of `layer` for the tokens the model is called with; may carry gradients.
+    """
+    handle = layout.embeddings.register_forward_hook(lambda module, args, output: states.to(output.dtype))
+    layout.encoder.layers = nn.ModuleList(layout.layers[layer + 1 :])
+    try:
+        yield
+    finally:
+        layout.encoder.layers = layout.layers
         handle.remove()
 
 

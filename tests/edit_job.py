@@ -20,15 +20,16 @@ REQUESTS = [("dog", "cat"), ("apple", "banana"), ("car", "tree"), ("house", "cir
 def main() -> None:
     cache_dir, out_dir, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
     runs = []
-    optimize = editor_module.optimize_concept_vector
+    optimize = editor_module.optimize_concept_vectors
 
     def counted(*args, **kwargs):
-        runs.append(args[2].source)
+        runs.extend(request.source for request in args[2])
         return optimize(*args, **kwargs)
 
-    editor_module.optimize_concept_vector = counted
+    editor_module.optimize_concept_vectors = counted
     pipe = tiny_sd_pipeline(seed=0)
-    config = EMCIDConfig.from_preset("sd1-paper", num_steps=steps, image_num_inference_steps=2)
+    # one concept per batch, so that a killed run resumes with batches like the first run's, for a bitwise equal result
+    config = EMCIDConfig.from_preset("sd1-paper", num_steps=steps, image_num_inference_steps=2, concept_batch_size=1)
     editor = EMCIDEditor(pipe, config, cache_dir=cache_dir, progress=False)
     editor.compute_statistics(CAPTIONS)
     editor.edit(REQUESTS).save_pretrained(out_dir)

@@ -94,21 +94,15 @@ def test_rank_deficient_statistics_are_refused_before_stage_1(pipe, fast_config,
 def test_a_diverging_concept_is_reported_and_the_others_are_kept(editor, pipe, monkeypatch):
     import diffusers_emcid.editor as editor_module
 
-    optimize = editor_module.optimize_concept_vector
-    poisoned = {"on": False}
+    optimize = editor_module.optimize_concept_vectors
 
-    def poison(module, args, output):
-        if not poisoned["on"]:
+    def poison(module, args, output):  # the UNet's rows of 'apple' (sorted first, 3 prompts) in the stage-1 steps
+        sample = output[0] if isinstance(output, tuple) else output.sample
+        if sample.shape[0] != 6:  # image generation and later steps
             return output
-        if isinstance(output, tuple):
-            return (output[0] * float("nan"), *output[1:])
-        return output.__class__(sample=output.sample * float("nan"))
+        poisoned = torch.cat([sample[:3] * float("nan"), sample[3:]])
+        return (poisoned, *output[1:]) if isinstance(output, tuple) else output.__class__(sample=poisoned)
 
-    def maybe_poisoned(pipe_, layout, request, *args, **kwargs):
-        poisoned["on"] = request.source == "apple"
-        return optimize(pipe_, layout, request, *args, **kwargs)
-
-    monkeypatch.setattr(editor_module, "optimize_concept_vector", maybe_poisoned)
     state = model_state(pipe)
     handle = pipe.unet.register_forward_hook(poison)
     try:
@@ -120,7 +114,8 @@ def test_a_diverging_concept_is_reported_and_the_others_are_kept(editor, pipe, m
     stage1 = list((editor.cache.root / "stage1").glob("*.safetensors"))
     assert len(stage1) == 1, "the healthy concept should be cached, the diverged one not"
     runs = []
-    monkeypatch.setattr(editor_module, "optimize_concept_vector", lambda *a, **k: runs.append(a[2].source) or optimize(*a, **k))
+    monkeypatch.setattr(editor_module, "optimize_concept_vectors",
+                        lambda *a, **k: runs.extend(r.source for r in a[2]) or optimize(*a, **k))
     edits = editor.edit([("apple", "banana"), ("dog", "cat")])
     assert runs == ["apple"]
     assert all(torch.isfinite(d.dense()).all() for d in edits.deltas["text_encoder"].values())

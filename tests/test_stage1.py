@@ -5,7 +5,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from diffusers_emcid import ConceptEdit, EMCIDEditor
-from diffusers_emcid.stage1 import optimize_concept_vector, training_images
+from diffusers_emcid.stage1 import optimize_concept_vectors, training_images
 
 from .conftest import CAPTIONS
 
@@ -23,8 +23,9 @@ def count_calls(module):
 def run_stage1(editor, request):
     pipe = editor.pipe
     with editor._base_model() as device:
-        return optimize_concept_vector(pipe, editor.encoders, request, editor.config,
-                                       DDPMScheduler.from_config(pipe.scheduler.config), device)
+        (result,) = optimize_concept_vectors(pipe, editor.encoders, [request], editor.config,
+                                             DDPMScheduler.from_config(pipe.scheduler.config), device)
+    return result
 
 
 def test_stage1_lowers_its_loss_and_respects_the_clamp(editor):
@@ -66,9 +67,10 @@ def test_h0_is_the_clean_state_of_prompt_zero(editor, pipe):
 def test_generated_training_images_come_from_the_source_prompts(editor, pipe):
     request = ConceptEdit("dog", "cat", templates=["a photo of {}", "{}"], seed=5)
     editor.config.samples_per_prompt = 2
-    images = training_images(pipe, request, editor.config)
+    (images,) = training_images(pipe, [request], editor.config)
     assert images.shape == (2, 2, 3, 16, 16)
-    expected = pipe(["a photo of dog", "dog"], num_inference_steps=2, generator=torch.Generator().manual_seed(5),
+    generator = torch.Generator().manual_seed(5)
+    expected = pipe(["a photo of dog", "dog"], num_inference_steps=2, generator=[generator, generator],
                     output_type="pt").images
     torch.testing.assert_close(images[:, 0], expected)
 
@@ -76,7 +78,7 @@ def test_generated_training_images_come_from_the_source_prompts(editor, pipe):
 def test_given_images_are_used_sample_major(editor, pipe):
     images = [torch.full((3, 20, 24), value) for value in (0.1, 0.2, 0.3, 0.4)]
     request = ConceptEdit("dog", "cat", templates=["a photo of {}", "{}"], images=images)
-    prepared = training_images(pipe, request, editor.config)
+    (prepared,) = training_images(pipe, [request], editor.config)
     assert prepared.shape == (2, 2, 3, 16, 16)
     means = prepared.mean(dim=(2, 3, 4))
     torch.testing.assert_close(means, torch.tensor([[0.1, 0.3], [0.2, 0.4]]))
@@ -104,4 +106,5 @@ def test_cache_is_shared_across_editors_and_vectors_do_not_depend_on_batch_compa
     fresh = EMCIDEditor(pipe, editor.config, cache_dir=tmp_path / "other", progress=False)
     fresh.compute_statistics(CAPTIONS)
     together = fresh.edit([("apple", "banana"), ("dog", "cat")])
-    assert torch.equal(alone.vectors["text_encoder"][0], together.vectors["text_encoder"][1])
+    a, b = alone.vectors["text_encoder"][0], together.vectors["text_encoder"][1]
+    assert (a - b).norm() / a.norm() < 1e-5  # batched with another concept: equal up to float32 rounding

@@ -1,0 +1,116 @@
+"""The fast stage 1 (concept batches, cached text-encoder prefix) against the reference path."""
+
+import dataclasses
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from diffusers_emcid import ConceptEdit, EMCIDConfig, EMCIDEditor
+from diffusers_emcid.stage1 import _encode, _tokenize_alike, optimize_concept_vectors
+from diffusers_emcid.hooks import captured_outputs, run_until_stopped
+from diffusers_emcid.testing import tiny_sd2_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline
+from diffusers_emcid.tokens import subject_token_positions
+
+# Concepts of different prompt lengths and template counts, one trained on the true noise.
+REQUESTS = [
+    ConceptEdit("dog", "cat", seed=1),
+    ConceptEdit("red apple", "green tree", templates=["a photo of {}", "{} on a street by a house"], seed=2),
+    ConceptEdit("car", "banana", seed=3, use_real_noise=True),
+    ConceptEdit("house", "circle", templates=["{}", "a painting of a {} in the park", "an image of {}", "{} art"], seed=4),
+]
+RELATIVE_TOLERANCE = 1e-4
+"""Batched and one-at-a-time runs differ only by float32 rounding (batched kernels sum in other orders)."""
+
+
+def run(pipe, requests, **overrides):
+    config = EMCIDConfig.from_preset("sd1-paper", **{"num_steps": 10, "image_num_inference_steps": 2, **overrides})
+    editor = EMCIDEditor(pipe, config, progress=False)
+    with editor._base_model() as device:
+        return optimize_concept_vectors(pipe, editor.encoders, requests, config,
+                                        DDPMScheduler.from_config(pipe.scheduler.config), device)
+
+
+def relative_difference(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("make_pipe", [tiny_sd_pipeline, tiny_sd2_pipeline, tiny_sdxl_pipeline])
+def test_batched_fast_stage1_equals_one_at_a_time_reference_concept_by_concept(make_pipe):
+    pipe = make_pipe(seed=0)
+    reference = [run(pipe, [request], stage1_mode="reference")[0] for request in REQUESTS]
+    batched = run(pipe, REQUESTS, stage1_mode="fast")
+    for request, ref, fast in zip(REQUESTS, reference, batched):
+        assert len(fast.losses) == len(ref.losses) == 10
+        torch.testing.assert_close(fast.losses, ref.losses, rtol=RELATIVE_TOLERANCE, atol=1e-6)
+        for component, vector in ref.vectors.items():
+            assert relative_difference(fast.vectors[component], vector) < RELATIVE_TOLERANCE, request
+            assert not torch.allclose(vector, ref.h0[component]), "stage 1 moved nothing"
+
+
+def test_a_concepts_result_does_not_depend_on_batch_company_or_order():
+    pipe = tiny_sd_pipeline(seed=0)
+    forward = run(pipe, REQUESTS)
+    backward = run(pipe, REQUESTS[::-1])[::-1]
+    pairs = run(pipe, REQUESTS[1:3])
+    for index, (a, b) in enumerate(zip(forward, backward)):
+        assert relative_difference(a.vectors["text_encoder"], b.vectors["text_encoder"]) < RELATIVE_TOLERANCE
+    for a, b in zip(forward[1:3], pairs):
+        assert relative_difference(a.vectors["text_encoder"], b.vectors["text_encoder"]) < RELATIVE_TOLERANCE
+    # while different seeds give clearly different vectors: the tolerance is far below what a change would cause
+    other = run(pipe, [dataclasses.replace(REQUESTS[0], seed=99)])[0]
+    assert relative_difference(other.vectors["text_encoder"], forward[0].vectors["text_encoder"]) > 100 * RELATIVE_TOLERANCE
+
+
+@pytest.mark.parametrize("make_pipe", [tiny_sd_pipeline, tiny_sdxl_pipeline])
+def test_cached_prefix_gives_the_full_forwards_outputs_and_gradients(make_pipe):
+    pipe = make_pipe(seed=0)
+    editor = EMCIDEditor(pipe, EMCIDConfig(layers=[1, 2]), progress=False)  # z layer 2: layers 3.. run per step
+    prompts = ["a photo of dog", "dog on a street by a house", "an image of dog"]
+    encoders = editor.encoders
+    batches = _tokenize_alike(encoders, prompts)
+    positions = [torch.tensor(subject_token_positions(e.tokenizer, prompts, "dog")) for e in encoders]
+    generator = torch.Generator().manual_seed(0)
+    probes = None
+
+    def loss_and_gradients(use_prefix):
+        nonlocal probes
+        deltas = [torch.randn(e.layout.hidden_size, generator=torch.Generator().manual_seed(1)).requires_grad_()
+                  for e in encoders]
+        rows = torch.arange(len(prompts))
+        if use_prefix:
+            states = []
+            for encoder, batch, position, delta in zip(encoders, batches, positions, deltas):
+                z_module = encoder.layout.layers[encoder.z_layer]
+                with torch.no_grad(), captured_outputs({"z": z_module}, stop_at=z_module) as captured:
+                    run_until_stopped(encoder.layout.model, input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+                states.append(captured["z"].index_put((rows, position), delta.expand(len(prompts), -1), accumulate=True))
+            conditioning = _encode(encoders, batches, states=states)
+        else:
+            conditioning = _encode(encoders, batches, deltas=[d.expand(len(prompts), -1) for d in deltas],
+                                   positions=positions)
+        outputs = [conditioning.hidden, *conditioning.pooled]
+        if probes is None:
+            probes = [torch.randn(o.shape, generator=generator) for o in outputs]
+        loss = sum((o * p).sum() for o, p in zip(outputs, probes))
+        return outputs, torch.autograd.grad(loss, deltas)
+
+    with editor._base_model():
+        full_outputs, full_gradients = loss_and_gradients(use_prefix=False)
+        prefix_outputs, prefix_gradients = loss_and_gradients(use_prefix=True)
+    for full, prefix in zip(full_outputs + list(full_gradients), prefix_outputs + list(prefix_gradients)):
+        torch.testing.assert_close(prefix, full, rtol=1e-5, atol=1e-5)
+        assert full.abs().max() > 0
+    assert len(editor.layout.encoder.layers) == editor.layout.num_layers, "the skipped layers were not put back"
+
+
+def test_early_stopping_ends_plateaued_concepts_and_leaves_others_unchanged():
+    pipe = tiny_sd_pipeline(seed=0)
+    full = run(pipe, REQUESTS[:2], num_steps=40)
+    stopped = run(pipe, REQUESTS[:2], num_steps=40, early_stopping_window=5, early_stopping_min_improvement=0.5)
+    for a, b in zip(full, stopped):
+        steps = len(b.losses)
+        assert 10 <= steps < 40 and steps % 5 == 0
+        torch.testing.assert_close(b.losses, a.losses[:steps], rtol=RELATIVE_TOLERANCE, atol=1e-6)
+        plateau = [b.losses[k - 5 : k].sum() > 0.5 * b.losses[k - 10 : k - 5].sum() for k in range(10, steps + 1, 5)]
+        assert plateau[-1] and not any(plateau[:-1]), "it stopped at the first plateaued window, not before or after"
