@@ -11,7 +11,7 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 from accelerate import PartialState
-from accelerate.utils import broadcast_object_list, gather_object
+from accelerate.utils import broadcast_object_list, gather_object, parse_flag_from_env
 from diffusers import DDPMScheduler, DiffusionPipeline
 from peft.tuners.tuners_utils import BaseTunerLayer
 from tqdm.auto import tqdm
@@ -46,6 +46,12 @@ STAGE1_FORMAT = "emcid-stage1-v3"
 DEBIAS_TEMPLATES = ("a photo of {}", "an image of {}", "{}")
 """The paper's stage-1 templates for debiasing (spec section 1.2)."""
 STATISTICS_FORMAT = "emcid-statistics-v1"
+
+
+def _process_state() -> PartialState:
+    """accelerate's view of the processes this run has: one, or those of `accelerate launch`. CPU processes are
+    recognised by `ACCELERATE_USE_CPU=1`, as `accelerate launch --cpu` sets it."""
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
 
 
 class EMCIDEditor:
@@ -298,7 +304,7 @@ class EMCIDEditor:
             statistics = self._checked_statistics()
             results = self._stage1(requests, fingerprints, device)
             vectors = {e.component: torch.stack([r.vectors[e.component] for r in results]) for e in self.encoders}
-            state = PartialState()
+            state = _process_state()
             edits = [self._solve(requests, vectors, statistics) if state.is_main_process else None]
             if state.num_processes > 1:
                 broadcast_object_list(edits, from_process=0)
@@ -317,7 +323,7 @@ class EMCIDEditor:
         keys = [self._stage1_key(request, model_digest) for request in requests]
         entries = {key: self.cache.load("stage1", key) for key in keys}
         missing = [(key, request) for key, request in dict(zip(keys, requests)).items() if entries[key] is None]
-        state = PartialState()
+        state = _process_state()
         with state.split_between_processes(missing) as shard:
             failures = self._compute_stage1(shard, device)
         if state.num_processes > 1:

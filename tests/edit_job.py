@@ -1,12 +1,15 @@
-"""A stand-alone edit run for the reliability tests: `python -m tests.edit_job CACHE_DIR OUT_DIR STEPS`.
+"""A stand-alone edit run: `python -m tests.edit_job CACHE_DIR OUT_DIR STEPS`, or the same under `accelerate launch`.
 
-Edits `REQUESTS` on the tiny pipeline with the given cache, saves the adapter to OUT_DIR, and prints
-how many stage-1 optimisations it ran (the rest came from the cache) as the last line.
+Edits `REQUESTS` on the tiny pipeline with the given cache, saves the adapter to OUT_DIR (from the main process),
+and prints how many stage-1 optimisations this process ran (the rest came from the cache or from other
+processes) as the last line.
 """
 
 from __future__ import annotations
 
 import sys
+
+from accelerate import PartialState
 
 import diffusers_emcid.editor as editor_module
 from diffusers_emcid import EMCIDConfig, EMCIDEditor
@@ -32,7 +35,9 @@ def main() -> None:
     config = EMCIDConfig.from_preset("sd1-paper", num_steps=steps, image_num_inference_steps=2, concept_batch_size=1)
     editor = EMCIDEditor(pipe, config, cache_dir=cache_dir, progress=False)
     editor.compute_statistics(CAPTIONS)
-    editor.edit(REQUESTS).save_pretrained(out_dir)
+    edits = editor.edit(REQUESTS)
+    if PartialState().is_main_process:
+        edits.save_pretrained(out_dir)
     print(len(runs), flush=True)
 
 

@@ -186,3 +186,23 @@ def test_tokens_never_appear_in_files_logs_or_errors(editor, hub, tmp_path, capl
     snapshot = next((tmp_path / "c").rglob(MANIFEST_NAME)).parent
     for name in (MANIFEST_NAME, CARD_NAME):
         assert hub.token not in (snapshot / name).read_text(encoding="utf-8")
+
+
+@pytest.mark.slow
+def test_accelerate_launch_with_two_cpu_processes_shares_stage1_and_gives_the_single_process_adapter(tmp_path):
+    single = run_job(tmp_path / "cache-single", tmp_path / "single", steps=10)
+    assert finish(single) == 6
+    # accelerate 1.x starts several CPU processes with `--multi_gpu` (torchrun) plus ACCELERATE_USE_CPU=1;
+    # its `--cpu --num_processes n` needs an MPI host file.
+    launch = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "tests.edit_job", str(tmp_path / "cache-shared"),
+         str(tmp_path / "shared"), "10"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"},
+    )
+    assert launch.returncode == 0, launch.stderr[-3000:]
+    per_process = [int(line) for line in launch.stdout.split() if line.isdigit()]
+    assert sorted(per_process) == [3, 3], f"the six concepts were not shared out: {launch.stdout[-500:]}"
+    assert len(list((tmp_path / "cache-shared" / "stage1").glob("*.safetensors"))) == 6
+    assert same_files(tmp_path / "single", tmp_path / "shared")
