@@ -14,6 +14,7 @@ split evenly by an SVD, when N exceeds it).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
@@ -23,9 +24,9 @@ from transformers import PreTrainedTokenizerBase
 
 from .encoders import TextEncoderLayout, module_device
 from .errors import EMCIDNumericalError
-from .hooks import captured_outputs, low_rank_output_offsets, run_until_stopped
+from .hooks import captured_outputs, layers_skipped_to, run_until_stopped
 from .requests import ConceptEdit
-from .tokens import subject_token_positions, tokenize
+from .tokens import TokenizedPrompts, subject_token_positions
 
 
 @dataclass
@@ -102,44 +103,78 @@ def solve_layer_update(
     return delta
 
 
+@dataclass
+class _PromptChunk:
+    """A batch of stage-2 prompts, cut after their subject token, and its residual stream.
+
+    Attributes:
+        tokens: (B, T) the prompts up to and including their subject token (the encoder is causal, so the
+            tokens after it cannot change the subject token's states), padded to the longest.
+        positions: (B,) subject-token index per prompt.
+        owners: (B,) the concept each prompt belongs to.
+        states: (B, T, d) the output of the layer the stream has reached, edits of the layers up to it
+            included; `None` before the first layer.
+    """
+
+    tokens: TokenizedPrompts
+    positions: torch.Tensor
+    owners: torch.Tensor
+    states: torch.Tensor | None = None
+
+
+def _prompt_chunks(
+    tokenizer: PreTrainedTokenizerBase, requests: Sequence[ConceptEdit], batch_size: int, device: torch.device
+) -> list[_PromptChunk]:
+    """Every source prompt of every request, cut after its subject token, in length-sorted batches."""
+    rows = []
+    for owner, request in enumerate(requests):
+        ids = tokenizer(request.source_prompts, truncation=True).input_ids
+        for prompt_ids, position in zip(ids, subject_token_positions(tokenizer, request.source_prompts, request.source)):
+            rows.append((prompt_ids[: position + 1], position, owner))
+    rows.sort(key=lambda row: len(row[0]))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    chunks = []
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
+        length = max(len(ids) for ids, _, _ in batch)
+        input_ids = torch.tensor([ids + [pad_id] * (length - len(ids)) for ids, _, _ in batch])
+        attention_mask = torch.tensor([[1] * len(ids) + [0] * (length - len(ids)) for ids, _, _ in batch])
+        chunks.append(_PromptChunk(
+            TokenizedPrompts(input_ids, attention_mask).to(device),
+            torch.tensor([position for _, position, _ in batch], device=device),
+            torch.tensor([owner for _, _, owner in batch]),
+        ))
+    return chunks
+
+
 @torch.no_grad()
-def gather_keys_and_values(
+def _advance_to_layer(
     layout: TextEncoderLayout,
-    tokenizer: PreTrainedTokenizerBase,
-    requests: Sequence[ConceptEdit],
+    chunk: _PromptChunk,
+    reached: int,
     layer: int,
     value_layer: int | None,
-    batch_size: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys (fc2 inputs) and values at each concept's subject token, averaged over its prompts.
-
-    Args:
-        layer: the layer whose fc2 input is the key.
-        value_layer: `None` for the fc2 output of `layer` as the value ("paper"), or the index of the
-            layer whose output (the residual stream) is the value ("memit").
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Runs one chunk's residual stream from the output of layer `reached` (-1: the embeddings) through `layer`.
 
     Returns:
-        `(K (N, d_ff), V (N, d))` in float64.
+        `(keys (B, T, d_ff), output of layer (B, T, d), key at the subject (B, d_ff), value at the subject (B, d))`,
+        the value being the fc2 output of `layer` (`value_layer=None`) or the output of `value_layer`.
     """
-    device = module_device(layout.model)
-    prompts = [prompt for request in requests for prompt in request.source_prompts]
-    owners = torch.tensor([n for n, request in enumerate(requests) for _ in request.templates])
-    positions = torch.tensor([p for r in requests for p in subject_token_positions(tokenizer, r.source_prompts, r.source)])
     fc2 = layout.fc2(layer)
-    value_module = fc2 if value_layer is None else layout.layers[value_layer]
-    keys = torch.zeros(len(requests), layout.intermediate_size, dtype=torch.float64)
-    values = torch.zeros(len(requests), layout.hidden_size, dtype=torch.float64)
-    with captured_outputs({"key": fc2}, capture_inputs=True) as captured_keys, \
-            captured_outputs({"value": value_module}, stop_at=value_module) as captured_values:
-        for start in range(0, len(prompts), batch_size):
-            batch = tokenize(tokenizer, prompts[start : start + batch_size]).to(device)
-            run_until_stopped(layout.model, input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-            rows = torch.arange(batch.input_ids.shape[0])
-            index = positions[start : start + batch_size]
-            keys.index_add_(0, owners[start : start + batch_size], captured_keys["key"][rows, index].double().cpu())
-            values.index_add_(0, owners[start : start + batch_size], captured_values["value"][rows, index].double().cpu())
-    counts = torch.tensor([len(request.templates) for request in requests], dtype=torch.float64)[:, None]
-    return keys / counts, values / counts
+    watched = {"fc2": fc2, "layer": layout.layers[layer]}
+    if value_layer is not None:
+        watched["value"] = layout.layers[value_layer]
+    last = layout.layers[max(layer, value_layer if value_layer is not None else layer)]
+    with contextlib.ExitStack() as stack:
+        if chunk.states is not None:
+            stack.enter_context(layers_skipped_to(layout, reached, chunk.states))
+        keys = stack.enter_context(captured_outputs({"key": fc2}, capture_inputs=True))
+        outputs = stack.enter_context(captured_outputs(watched, stop_at=last))
+        run_until_stopped(layout.model, input_ids=chunk.tokens.input_ids, attention_mask=chunk.tokens.attention_mask)
+    rows = torch.arange(chunk.positions.shape[0], device=chunk.positions.device)
+    value = outputs["fc2" if value_layer is None else "value"]
+    return keys["key"], outputs["layer"], keys["key"][rows, chunk.positions], value[rows, chunk.positions]
 
 
 def compute_stage2_deltas(
@@ -156,7 +191,11 @@ def compute_stage2_deltas(
     batch_size: int = 256,
     progress: bool = True,
 ) -> dict[int, LowRankDelta]:
-    """Runs stage 2 on the live text encoder, whose weights stay untouched (updates act through hooks).
+    """Runs stage 2 on the live text encoder, whose weights stay untouched.
+
+    The prompts' residual streams are carried from one edited layer to the next: each layer runs once per
+    prompt, its keys and values are read in that pass, and its update `dW` is added to the stream as
+    `k @ dW^T` (the change of its fc2 output), so the next layer sees the keys of the edited model.
 
     Args:
         vectors: Z, the stage-1 vectors, (N, d).
@@ -168,18 +207,29 @@ def compute_stage2_deltas(
     """
     layers = sorted(layers)
     targets = vectors.double().cpu()
+    counts = torch.tensor([len(request.templates) for request in requests], dtype=torch.float64)[:, None]
+    chunks = _prompt_chunks(tokenizer, requests, batch_size, module_device(layout.model))
     deltas: dict[int, LowRankDelta] = {}
-    modules = {str(layer): layout.fc2(layer) for layer in layers}
-    with low_rank_output_offsets(modules) as offsets:
-        for i, layer in enumerate(tqdm(layers, desc="EMCID stage 2", unit="layer", disable=not progress)):
-            keys, values = gather_keys_and_values(
-                layout, tokenizer, requests, layer, None if residual == "paper" else z_layer, batch_size
+    reached = -1
+    for i, layer in enumerate(tqdm(layers, desc="EMCID stage 2", unit="layer", disable=not progress)):
+        keys = torch.zeros(len(requests), layout.intermediate_size, dtype=torch.float64)
+        values = torch.zeros(len(requests), layout.hidden_size, dtype=torch.float64)
+        streams = []
+        for chunk in chunks:
+            all_keys, output, key, value = _advance_to_layer(
+                layout, chunk, reached, layer, None if residual == "paper" else z_layer
             )
-            residuals = (targets - values) / (len(layers) - i)
-            try:
-                delta = solve_layer_update(keys.T, residuals.T, covariances[layer], edit_weight, preservation_weight)
-            except EMCIDNumericalError as error:
-                raise EMCIDNumericalError(f"Layer {layer}: {error}") from error
-            deltas[layer] = delta.to(torch.float32)
-            offsets[str(layer)] = (deltas[layer].up, deltas[layer].down)
+            keys.index_add_(0, chunk.owners, key.double().cpu())
+            values.index_add_(0, chunk.owners, value.double().cpu())
+            streams.append((all_keys, output))
+        residuals = (targets - values / counts) / (len(layers) - i)
+        try:
+            delta = solve_layer_update((keys / counts).T, residuals.T, covariances[layer], edit_weight, preservation_weight)
+        except EMCIDNumericalError as error:
+            raise EMCIDNumericalError(f"Layer {layer}: {error}") from error
+        deltas[layer] = delta.to(torch.float32)
+        for chunk, (all_keys, output) in zip(chunks, streams):
+            up, down = deltas[layer].up.to(output), deltas[layer].down.to(output)
+            chunk.states = output + (all_keys @ down.T) @ up.T
+        reached = layer
     return deltas
