@@ -34,7 +34,7 @@ Where this differs from the authors' code, and why:
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch

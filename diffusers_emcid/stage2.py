@@ -7,7 +7,7 @@ the updates of the earlier layers:
     R = (z - V) / (L - i)   with V = fc2 outputs ("paper") or z-layer states ("memit")   (d, N)
     dW = alpha R K^T ((1 - alpha) lambda C + alpha K K^T)^-1                        (d, d_ff)
 
-solved in float64 with `torch.linalg.solve`. dW = up @ down with up = alpha R and
+solved in float64 by a Cholesky factorisation (`torch.linalg.solve` if the system is not positive definite). dW = up @ down with up = alpha R and
 down = (M^-1 K)^T, which are kept as exact LoRA factors of rank N (or of full rank min(d, d_ff),
 split evenly by an SVD, when N exceeds it).
 """
@@ -91,10 +91,16 @@ def solve_layer_update(
     """
     keys, residuals, covariance = keys.double(), residuals.double(), covariance.double()
     system = (1 - edit_weight) * preservation_weight * covariance + edit_weight * keys @ keys.T
-    try:
-        down = torch.linalg.solve(system, keys).T
-    except torch.linalg.LinAlgError as error:
-        raise EMCIDNumericalError(f"the stage-2 system is singular ({error}); compute the key statistics on more captions.") from error
+    factor, info = torch.linalg.cholesky_ex(system)  # the system is symmetric positive definite when C has full rank
+    if info == 0:
+        down = torch.cholesky_solve(keys, factor).T
+    else:
+        try:
+            down = torch.linalg.solve(system, keys).T
+        except torch.linalg.LinAlgError as error:
+            raise EMCIDNumericalError(
+                f"the stage-2 system is singular ({error}); compute the key statistics on more captions."
+            ) from error
     delta = LowRankDelta(up=edit_weight * residuals, down=down)
     if not (torch.isfinite(delta.up).all() and torch.isfinite(delta.down).all()):
         raise EMCIDNumericalError("the stage-2 update is not finite; check the stage-1 vectors and the key statistics.")

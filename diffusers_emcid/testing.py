@@ -142,13 +142,37 @@ def tiny_sd_pipeline(
     return pipe
 
 
-def mini_sd_pipeline(seed: int = 0) -> StableDiffusionPipeline:
+def mini_sd_pipeline(seed: int = 0, unet_channels: tuple[int, int] = (32, 64), sample_size: int = 16) -> StableDiffusionPipeline:
     """SD 1.x's text encoder shape (CLIP ViT-L/14: 12 layers, d = 768, d_ff = 3072, vocabulary 49,408) with a
-    small UNet (cross-attention width 768) and VAE drawing 32x32 images; random weights."""
+    small UNet (cross-attention width 768, `unet_channels` wide) and VAE drawing images of `2 * sample_size`
+    pixels; random weights."""
     return tiny_sd_pipeline(
         seed=seed, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-        unet_channels=(32, 64), vae_channels=(16, 32), sample_size=16, vocab_size=49408,
+        unet_channels=unet_channels, vae_channels=(16, 32), sample_size=sample_size, vocab_size=49408,
     )
+
+
+def sd14_architecture_pipeline(seed: int = 0) -> StableDiffusionPipeline:
+    """SD 1.4's architecture with random weights: its UNet (860M parameters) and VAE configs drawing 512x512
+    images, and the CLIP ViT-L/14 text encoder of `mini_sd_pipeline` (with the toy tokenizer). For timings."""
+    pipe = mini_sd_pipeline(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768, attention_head_dim=8,
+        )
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512,
+        )
+    sd14 = StableDiffusionPipeline(
+        vae=vae.eval(), text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=unet.eval(), scheduler=pipe.scheduler,
+        safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker=False,
+    )
+    sd14.set_progress_bar_config(disable=True)
+    return sd14
 
 
 def tiny_sd2_pipeline(seed: int = 0, num_hidden_layers: int = 6) -> StableDiffusionPipeline:
