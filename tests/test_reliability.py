@@ -15,7 +15,7 @@ import yaml
 from diffusers_emcid import ConceptEdit, ConceptEdits, EMCIDConfig, EMCIDEditor, EMCIDNumericalError, LowRankDelta
 from diffusers_emcid.serialization import CARD_NAME, MANIFEST_NAME, VECTORS_NAME, WEIGHTS_NAME
 
-from .conftest import CAPTIONS, assert_pipeline_unchanged, model_state
+from .conftest import assert_pipeline_unchanged, model_state
 
 ROOT = Path(__file__).resolve().parents[1]
 ADAPTER_FILES = (WEIGHTS_NAME, VECTORS_NAME, MANIFEST_NAME, CARD_NAME)

@@ -108,3 +108,17 @@ def test_cache_is_shared_across_editors_and_vectors_do_not_depend_on_batch_compa
     together = fresh.edit([("apple", "banana"), ("dog", "cat")])
     a, b = alone.vectors["text_encoder"][0], together.vectors["text_encoder"][1]
     assert (a - b).norm() / a.norm() < 1e-5  # batched with another concept: equal up to float32 rounding
+
+
+def test_training_images_can_use_another_scheduler_and_the_pipelines_is_restored(editor, pipe):
+    from diffusers import DPMSolverMultistepScheduler
+
+    request = ConceptEdit("dog", "cat", templates=["a photo of {}", "{}"], seed=5)
+    editor.config.image_scheduler = "DPMSolverMultistepScheduler"
+    (images,) = training_images(pipe, [request], editor.config)
+    assert type(pipe.scheduler).__name__ == "PNDMScheduler"
+    generator = torch.Generator().manual_seed(5)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    expected = pipe(["a photo of dog", "dog"], num_inference_steps=2, generator=[generator, generator],
+                    output_type="pt").images
+    torch.testing.assert_close(images[:, 0], expected)
