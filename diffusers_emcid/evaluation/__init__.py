@@ -1,0 +1,18 @@
+"""Measuring edits: judges (image classifiers) and the ICEB-style before/after metrics of the paper."""
+
+from .judges import ImageClassifierJudge, Judge, concept_labels, concept_probability
+from .metrics import GROUPS, EditEvaluation, EvaluationPrompt, draw_images, evaluate_edits, load_evaluation_prompts, summarize
+
+__all__ = [
+    "GROUPS",
+    "EditEvaluation",
+    "EvaluationPrompt",
+    "ImageClassifierJudge",
+    "Judge",
+    "concept_labels",
+    "concept_probability",
+    "draw_images",
+    "evaluate_edits",
+    "load_evaluation_prompts",
+    "summarize",
+]
