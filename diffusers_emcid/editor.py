@@ -232,6 +232,15 @@ class EMCIDEditor:
         """What key statistics depend on: the encoder's weights and its tokenizer."""
         return digest(self._fingerprint(encoder.layout.model), self._tokenizer_digest(encoder))
 
+    def has_statistics(self) -> bool:
+        """Whether key statistics of every edited layer are known (computed or cached) for this model."""
+        try:
+            for encoder in self.encoders:
+                self._statistics_for(encoder, self._encoder_fingerprint(encoder))
+        except ValueError:
+            return False
+        return True
+
     def _checked_statistics(self) -> dict[str, KeyStatistics]:
         """The statistics of every edited encoder, refused if rank-deficient."""
         statistics = {e.component: self._statistics_for(e, self._encoder_fingerprint(e)) for e in self.encoders}

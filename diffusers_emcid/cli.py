@@ -1,0 +1,247 @@
+"""The `emcid` command: demo, edit, eval, stats and push.
+
+Exit codes: 0 done; 2 bad input (a missing model or file, a bad pairs or prompts file, no captions); 3 a
+numerical failure of the edit; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+EXIT_BAD_INPUT, EXIT_NUMERICAL, EXIT_INTERRUPTED = 2, 3, 130
+SHAPES_MODEL = "shapes"
+"""`--model shapes` names the small shapes pipeline the package ships."""
+SHAPES_PRESET = "shapes-demo"
+"""The preset of edits on the shapes model."""
+
+
+class CommandError(Exception):
+    """A problem with what the user asked for; its message is printed as is."""
+
+
+def load_pairs(path: str | os.PathLike) -> list["ConceptEdit"]:
+    """Reads concept pairs from a CSV file: `source,destination` per row, with an optional header that may add
+    `templates` (joined by `|`, each containing `{}`) and `seed` columns."""
+    from .requests import ConceptEdit
+
+    path = Path(path)
+    if not path.is_file():
+        raise CommandError(f"the pairs file {str(path)!r} does not exist; write one 'source,destination' pair per line.")
+    with path.open(newline="", encoding="utf-8") as file:
+        rows = [row for row in csv.reader(file) if any(cell.strip() for cell in row)]
+    header = [cell.strip().lower() for cell in rows[0]] if rows else []
+    has_header = {"source", "destination"} <= set(header)
+    columns = header if has_header else ["source", "destination"]
+    requests = []
+    for line, row in enumerate(rows[1:] if has_header else rows, start=2 if has_header else 1):
+        if len(row) < 2 or len(row) > len(columns):
+            raise CommandError(f"{path}, line {line}: expected {','.join(columns)}, got {row!r}.")
+        fields = {name: cell.strip() for name, cell in zip(columns, row)}
+        try:
+            kwargs: dict[str, object] = {}
+            if fields.get("templates"):
+                kwargs["templates"] = [template.strip() for template in fields["templates"].split("|")]
+            if fields.get("seed"):
+                kwargs["seed"] = int(fields["seed"])
+            requests.append(ConceptEdit(fields["source"], fields["destination"], **kwargs))
+        except (TypeError, ValueError) as error:
+            raise CommandError(f"{path}, line {line}: {error}") from error
+    if not requests:
+        raise CommandError(f"the pairs file {path} holds no pairs; write one 'source,destination' pair per line.")
+    return requests
+
+
+def load_pipeline(model: str, device: str | None, dtype: str | None):
+    """The pipeline of a model id or folder (or the shipped shapes model), on `device` in `dtype`."""
+    from diffusers import DiffusionPipeline
+
+    from .shapes import shapes_model_path
+
+    torch_dtype = getattr(torch, dtype) if dtype else torch.float32
+    source = shapes_model_path() if model == SHAPES_MODEL else model
+    try:
+        pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=torch_dtype)
+    except (OSError, ValueError) as error:
+        raise CommandError(
+            f"cannot load the model {model!r}: {str(error).splitlines()[0]}\nGive a diffusers model folder, a Hub id you "
+            f"can download (or have in your cache), or '{SHAPES_MODEL}' for the model this package ships."
+        ) from error
+    return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def make_config(args: argparse.Namespace, pipe) -> "EMCIDConfig":
+    from .config import DEFAULT_PRESETS, EMCIDConfig
+    from .encoders import pipeline_family
+
+    overrides = {name: getattr(args, name) for name in ("num_steps", "concept_batch_size", "statistics_num_samples")
+                 if getattr(args, name, None) is not None}
+    if getattr(args, "dtype", None) in ("float16", "bfloat16"):
+        overrides["dtype"] = args.dtype
+    preset = args.preset or (SHAPES_PRESET if args.model == SHAPES_MODEL else DEFAULT_PRESETS[pipeline_family(pipe)])
+    return EMCIDConfig.from_preset(preset, **overrides)
+
+
+def read_captions(path: str) -> list[str]:
+    from .key_statistics import load_captions
+
+    if not Path(path).is_file():
+        raise CommandError(f"the captions file {path!r} does not exist; give a .txt (one caption a line), .json or .jsonl file.")
+    return load_captions(path)
+
+
+def command_stats(args: argparse.Namespace) -> None:
+    from .editor import EMCIDEditor
+
+    pipe = load_pipeline(args.model, args.device, args.dtype)
+    editor = EMCIDEditor(pipe, make_config(args, pipe), cache_dir=args.cache_dir)
+    covariances = editor.compute_statistics(read_captions(args.captions))
+    for component, layers in covariances.items():
+        print(f"{component}: statistics of layers {sorted(layers)} cached under {editor.cache.root / 'statistics'}")
+
+
+def command_edit(args: argparse.Namespace) -> None:
+    from .editor import EMCIDEditor
+
+    requests = load_pairs(args.pairs)
+    pipe = load_pipeline(args.model, args.device, args.dtype)
+    editor = EMCIDEditor(pipe, make_config(args, pipe), cache_dir=args.cache_dir)
+    if args.captions:
+        editor.compute_statistics(read_captions(args.captions))
+    elif not editor.has_statistics():
+        raise CommandError(
+            f"no key statistics of {args.model!r} are cached under {editor.cache.root / 'statistics'}; pass --captions FILE "
+            "(many captions: the paper used 100,000) once, or run `emcid stats` first."
+        )
+    edits = editor.edit(requests)
+    folder = edits.save_pretrained(args.out)
+    print(f"{len(requests)} concept(s) edited; the adapter is in {folder} (load it with pipe.load_concept_edits({str(folder)!r})).")
+
+
+def command_eval(args: argparse.Namespace) -> None:
+    from .edits import ConceptEdits
+    from .evaluation import ImageClassifierJudge, evaluate_edits, load_evaluation_prompts
+    from .shapes import shapes_judge_path
+
+    prompts = load_evaluation_prompts(args.prompts)
+    pipe = load_pipeline(args.model, args.device, args.dtype)
+    edits = ConceptEdits.from_pretrained(args.edits)
+    judge_source = shapes_judge_path() if args.judge == SHAPES_MODEL else args.judge
+    try:
+        judge = ImageClassifierJudge.from_pretrained(judge_source, device=pipe.device)
+    except (OSError, ValueError) as error:
+        raise CommandError(f"cannot load the judge {args.judge!r}: {str(error).splitlines()[0]}") from error
+    sampling = {"num_inference_steps": args.steps, "guidance_scale": args.guidance_scale}
+    result = evaluate_edits(pipe, edits, judge, prompts, num_images=args.num_images, **sampling)
+    folder = result.save(args.out)
+    print(result.table())
+    print(f"\nsummary: {result.summary}\nwritten to {folder}")
+
+
+def command_push(args: argparse.Namespace) -> None:
+    from .edits import ConceptEdits
+
+    if not Path(args.folder).is_dir():
+        raise CommandError(f"{args.folder!r} is not a folder; give the folder that `emcid edit --out` wrote.")
+    edits = ConceptEdits.from_pretrained(args.folder)
+    url = edits.push_to_hub(args.repo_id, private=args.private, revision=args.revision)
+    print(f"pushed to {url}")
+
+
+def command_demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    run_demo(Path(args.out), num_images=args.num_images, device=args.device, cache_dir=args.cache_dir)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="emcid",
+        description="Edit concepts of Stable Diffusion text encoders with EMCID, evaluate and share the edits.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help: str, handler: Callable[[argparse.Namespace], None]) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    def add_model(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--model", required=True,
+                         help=f"a diffusers model id or folder (SD 1.x/2.x, SD-XL), or '{SHAPES_MODEL}' for the bundled model")
+        sub.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+        sub.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                         help="precision to load the model in (stage 1 then autocasts to it)")
+
+    def add_editing(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--preset", default=None, help="EMCID preset (default: the family's paper preset)")
+        sub.add_argument("--num-steps", type=int, default=None, help="stage-1 steps per concept")
+        sub.add_argument("--concept-batch-size", type=int, default=None, help="concepts optimised together")
+        sub.add_argument("--statistics-num-samples", type=int, default=None, help="captions used for the key statistics")
+        sub.add_argument("--cache-dir", default=None, help="cache of stage-1 vectors and statistics (default: $EMCID_CACHE)")
+
+    demo = add("demo", "edit 'circle' -> 'square' in the bundled shapes model, offline, and show the before/after", command_demo)
+    demo.add_argument("--out", default="demo", help="folder for before_after.png and the metrics (default: demo)")
+    demo.add_argument("--num-images", type=int, default=50, help="images per evaluation prompt (default: 50)")
+    demo.add_argument("--device", default="cpu")
+    demo.add_argument("--cache-dir", default=None)
+
+    edit = add("edit", "edit concepts of a model and save the edits as a diffusers LoRA folder", command_edit)
+    add_model(edit)
+    edit.add_argument("--pairs", required=True, help="CSV of 'source,destination' rows (header optional; may add templates, seed)")
+    edit.add_argument("--captions", default=None,
+                      help="captions for the key statistics (.txt/.json/.jsonl); needed once per model, then cached")
+    edit.add_argument("--out", required=True, help="folder to write the edits to")
+    add_editing(edit)
+
+    evaluate = add("eval", "measure edits with an image classifier: before/after metrics, a table and a picture", command_eval)
+    add_model(evaluate)
+    evaluate.add_argument("--edits", required=True, help="the edits' folder or Hub repo")
+    evaluate.add_argument("--judge", required=True,
+                          help=f"a transformers image-classification model id or folder, or '{SHAPES_MODEL}'")
+    evaluate.add_argument("--prompts", required=True, help="CSV with a header group,prompt,source,destination[,seed]")
+    evaluate.add_argument("--num-images", type=int, default=8, help="images per prompt, before and after (default: 8)")
+    evaluate.add_argument("--steps", type=int, default=50, help="denoising steps (default: 50)")
+    evaluate.add_argument("--guidance-scale", type=float, default=7.5)
+    evaluate.add_argument("--out", default="emcid-eval", help="folder for metrics.json, metrics.md, before_after.png")
+
+    stats = add("stats", "compute and cache a model's key statistics from captions (once per model)", command_stats)
+    add_model(stats)
+    stats.add_argument("--captions", required=True, help="captions (.txt one a line, .json or .jsonl)")
+    add_editing(stats)
+
+    push = add("push", "upload an edits folder to the Hugging Face Hub", command_push)
+    push.add_argument("folder", help="the folder `emcid edit --out` wrote")
+    push.add_argument("repo_id", help="e.g. me/no-van-gogh")
+    push.add_argument("--private", action="store_true")
+    push.add_argument("--revision", default=None, help="a branch to push to")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .errors import ConceptEditsLoadError, EMCIDNumericalError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.handler(args)
+    except KeyboardInterrupt:
+        print("emcid: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except EMCIDNumericalError as error:
+        print(f"emcid {args.command}: the edit failed numerically: {error}", file=sys.stderr)
+        return EXIT_NUMERICAL
+    except (CommandError, ConceptEditsLoadError, ValueError, TypeError, FileNotFoundError) as error:
+        print(f"emcid {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
