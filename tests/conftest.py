@@ -3,6 +3,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import os
+import shutil
 import socket
 import tempfile
 from typing import Any
@@ -88,6 +89,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     HUB.stop()
+    shutil.rmtree(os.environ["EMCID_CACHE"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
