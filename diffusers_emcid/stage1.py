@@ -25,6 +25,10 @@ Where this differs from the authors' code, and why:
   generators seeded by the request, so a vector depends on nothing but its request and the model;
 - the hook acts on the live text encoders (no deep copy); the destination conditioning and the image
   latents' distribution do not change from step to step and are computed once;
+- (`stage1_mode="fast"`, the default) several concepts are optimised in one batch, each with its own
+  generator, loss, gradient and Adam state, and the text encoders' layers up to the z layer, which the
+  delta cannot change, run once per concept rather than at every step; `"reference"` keeps the plain
+  one-concept, full-forward path, and both give the same vectors up to float rounding;
 - SD-XL: each encoder tokenises its own prompts, destinations included (their bug B2); noise is added
   with DDPM's schedule of the model's training betas, not the sampling scheduler (B3); the time ids
   describe the training images' real size and crop (B3); the second encoder's delta is written once
