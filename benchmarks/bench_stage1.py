@@ -18,7 +18,9 @@ from the reference path's for the same concepts at equal steps.
 `--architecture mini` is `mini_sd_pipeline` (CLIP-L text encoder, random weights) with a UNet of
 `--unet-channels` at `--sample-size` latents, by default sized so that one UNet forward costs about three
 text-encoder forwards (the measured ratio is printed); `sd14` is SD 1.4's architecture (860M-parameter UNet,
-512x512 images), for a GPU. Prints one JSON object.
+512x512 images), for a GPU; `shapes` is the trained model the package ships (real shape and colour
+pairs), on which `--early-stopping-window W` also measures what early stopping saves and changes.
+Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -115,18 +117,29 @@ class Timer:
         stage1_module.training_images = self.original
 
 
-def run_mode(pipe, device: torch.device, config: EMCIDConfig, batch: int, repeats: int, first: int) -> dict[str, Any]:
-    """`repeats` stage-1 runs of `batch` fresh concepts each (numbered from `first`); per-concept medians."""
+def make_request(architecture: str, number: int) -> ConceptEdit:
+    """Concept `number` of a run: synthetic words, or on the shapes model real shape and colour pairs."""
+    if architecture != "shapes":
+        return ConceptEdit(f"concept{number:03d}", f"target{number:03d}", seed=number)
+    from diffusers_emcid.shapes import COLOURS, SHAPES
+
+    pairs = [(a, b) for words in (SHAPES, tuple(COLOURS)) for a in words for b in words if a != b]
+    source, destination = pairs[number % len(pairs)]
+    return ConceptEdit(source, destination, seed=number)
+
+
+def run_mode(pipe, device: torch.device, config: EMCIDConfig, batch: int, repeats: int, architecture: str) -> dict[str, Any]:
+    """`repeats` stage-1 runs of `batch` fresh concepts each; per-concept medians."""
     editor = EMCIDEditor(pipe, config, progress=False)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    totals, images, vectors = [], [], {}
+    totals, images, vectors, steps_run = [], [], {}, []
     with editor._base_model():
-        warm = [ConceptEdit("concept999", "target999", seed=999)]
+        warm = [make_request(architecture, 999)]
         stage1_module.optimize_concept_vectors(pipe, editor.encoders, warm, config, scheduler, device)
         reset_peak_memory(device)
         for repeat in range(repeats):
-            numbers = range(first + repeat * batch, first + (repeat + 1) * batch)
-            requests = [ConceptEdit(f"concept{n:03d}", f"target{n:03d}", seed=n) for n in numbers]
+            numbers = range(repeat * batch, (repeat + 1) * batch)
+            requests = [make_request(architecture, n) for n in numbers]
             with Timer(device) as timer:
                 start = time.perf_counter()
                 results = stage1_module.optimize_concept_vectors(pipe, editor.encoders, requests, config, scheduler, device)
@@ -134,10 +147,12 @@ def run_mode(pipe, device: torch.device, config: EMCIDConfig, batch: int, repeat
                 totals.append((time.perf_counter() - start) / batch)
             images.append(timer.seconds / batch)
             vectors.update({n: r.vectors["text_encoder"] for n, r in zip(numbers, results)})
+            steps_run.extend(len(r.losses) for r in results)
     total, image = statistics.median(totals), statistics.median(images)
     optimisation_per_step = (total - image) / config.num_steps
     at_paper = image * PAPER_IMAGE_STEPS / config.image_num_inference_steps + optimisation_per_step * PAPER_STEPS
     return {
+        "mean_steps_run": statistics.fmean(steps_run),
         "seconds_per_concept": round(total, 4),
         "image_generation_seconds_per_concept": round(image, 4),
         "optimisation_seconds_per_concept_step": round(optimisation_per_step, 5),
@@ -150,7 +165,7 @@ def run_mode(pipe, device: torch.device, config: EMCIDConfig, batch: int, repeat
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--architecture", choices=["mini", "sd14"], default="mini")
+    parser.add_argument("--architecture", choices=["mini", "sd14", "shapes"], default="mini")
     parser.add_argument("--unet-channels", type=int, nargs=2, default=[128, 256], help="mini only")
     parser.add_argument("--sample-size", type=int, default=32, help="mini only: latent side")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -160,13 +175,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--image-steps", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--early-stopping-window", type=int, default=None,
+                        help="also run the largest batch with early stopping and compare its z with the full run's")
     args = parser.parse_args()
 
     device = torch.device(args.device)
     if args.architecture == "mini":
         pipe = mini_sd_pipeline(0, unet_channels=tuple(args.unet_channels), sample_size=args.sample_size)
-    else:
+    elif args.architecture == "sd14":
         pipe = sd14_architecture_pipeline(0)
+    else:
+        from diffusers_emcid.shapes import load_shapes_pipeline
+
+        pipe = load_shapes_pipeline()
     pipe.to(device)
     settings = dict(num_steps=args.steps, image_num_inference_steps=args.image_steps, device=args.device)
     report: dict[str, Any] = {
@@ -179,11 +200,21 @@ def main() -> None:
                      "templates_per_concept": 3, "fast_dtype": args.fast_dtype},
     }
     reference_config = EMCIDConfig.from_preset("sd1-paper", stage1_mode="reference", **settings)
-    modes = {"reference": run_mode(pipe, device, reference_config, 1, args.repeats, first=0)}
+    modes = {"reference": run_mode(pipe, device, reference_config, 1, args.repeats, args.architecture)}
     for batch in args.batch_sizes:
         config = EMCIDConfig.from_preset("sd1-paper", stage1_mode="fast", concept_batch_size=batch, dtype=args.fast_dtype,
                                          **settings)
-        modes[f"fast_batch_{batch}"] = run_mode(pipe, device, config, batch, args.repeats, first=0)
+        modes[f"fast_batch_{batch}"] = run_mode(pipe, device, config, batch, args.repeats, args.architecture)
+    if args.early_stopping_window:
+        batch = max(args.batch_sizes)
+        config = EMCIDConfig.from_preset("sd1-paper", stage1_mode="fast", concept_batch_size=batch, dtype=args.fast_dtype,
+                                         early_stopping_window=args.early_stopping_window, **settings)
+        stopped = run_mode(pipe, device, config, batch, args.repeats, args.architecture)
+        full = modes[f"fast_batch_{batch}"]["_vectors"]
+        stopped["max_relative_difference_of_z_vs_full_steps"] = max(
+            float((z - full[n]).norm() / full[n].norm()) for n, z in stopped["_vectors"].items()
+        )
+        modes[f"fast_batch_{batch}_early_stopping"] = stopped
     reference = modes["reference"].pop("_vectors")
     for name, mode in list(modes.items())[1:]:
         vectors = mode.pop("_vectors")

@@ -1,0 +1,94 @@
+"""`emcid demo`: edit "circle" into "square" in the shipped shapes model, offline, and measure it.
+
+Statistics, stage 1 and stage 2 run on the bundled pipeline; the shipped judge then reads images drawn
+with the same seeds before and after the edit, for the edit's own prompts, held-out phrasings and
+prompts of other shapes that must stay as they were.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from .config import EMCIDConfig
+from .editor import EMCIDEditor
+from .evaluation import EditEvaluation, EvaluationPrompt, ImageClassifierJudge, evaluate_edits
+from .requests import ConceptEdit
+from .shapes import SAMPLING, all_captions, load_shapes_pipeline, shapes_judge_path
+
+DEMO_PRESET = "shapes-demo"
+EDIT = ConceptEdit(
+    "circle", "square", seed=0,
+    templates=("a red {}", "a photo of a blue {}", "an image of a green {}", "a picture of a yellow {}",
+               "a purple {} on a white background", "black {}"),
+)
+"""The demo's edit: training templates of the shapes model, one colour each."""
+PROMPTS: tuple[EvaluationPrompt, ...] = (
+    EvaluationPrompt("a red circle", "efficacy", "circle", "square", seed=0),
+    EvaluationPrompt("a photo of a blue circle", "efficacy", "circle", "square", seed=1000),
+    EvaluationPrompt("a drawing of a red circle", "generality", "circle", "square", seed=2000),
+    EvaluationPrompt("a sketch of a blue circle", "generality", "circle", "square", seed=3000),
+    EvaluationPrompt("a simple green circle", "generality", "circle", "square", seed=4000),
+    EvaluationPrompt("there is a yellow circle here", "generality", "circle", "square", seed=5000),
+    EvaluationPrompt("a blue triangle", "specificity", "triangle", seed=6000),
+    EvaluationPrompt("a green square", "specificity", "square", seed=7000),
+    EvaluationPrompt("a red star", "specificity", "star", seed=8000),
+    EvaluationPrompt("a purple heart", "specificity", "heart", seed=9000),
+    EvaluationPrompt("a black cross", "specificity", "cross", seed=10000),
+)
+"""Edited prompts (training and held-out phrasings) and controls, with their seeds; judged by shape."""
+PICTURE_PROMPTS = ("a red circle", "a drawing of a red circle", "a blue triangle", "a green square")
+
+
+def run_demo(
+    out: str | os.PathLike = "demo",
+    num_images: int = 50,
+    device: str = "cpu",
+    cache_dir: str | os.PathLike | None = None,
+    config: EMCIDConfig | None = None,
+    progress: bool = True,
+) -> EditEvaluation:
+    """Runs the demo and writes `before_after.png`, `metrics.json` and `metrics.md` into `out`.
+
+    Args:
+        num_images: images per evaluation prompt, before and after.
+        config: the EMCID settings; the `"shapes-demo"` preset by default.
+
+    Returns:
+        The evaluation; its summary is also printed.
+    """
+    started = time.perf_counter()
+    pipe = load_shapes_pipeline(device=device)
+    judge = ImageClassifierJudge.from_pretrained(shapes_judge_path(), device=device, local_files_only=True)
+    editor = EMCIDEditor(pipe, config or EMCIDConfig.from_preset(DEMO_PRESET, device=device), cache_dir=cache_dir,
+                         progress=progress)
+    editor.compute_statistics(all_captions())
+    edits = editor.edit([EDIT])
+    edited = time.perf_counter()
+    result = evaluate_edits(pipe, edits, judge, PROMPTS, num_images=num_images, progress=progress, **SAMPLING)
+    folder = Path(out)
+    result.save(folder)
+    result.image_grid(PICTURE_PROMPTS, max_images=10, cell=48).save(folder / "before_after.png")
+    finished = time.perf_counter()
+    print(demo_report(result, edited - started, finished - edited, folder))
+    return result
+
+
+def demo_report(result: EditEvaluation, edit_seconds: float, evaluation_seconds: float, folder: Path) -> str:
+    """The demo's summary: the headline probability, generality, the controls, and the timings."""
+    row = next(r for r in result.rows if r["prompt"] == "a red circle")
+    general, controls = result.summary["generality"], result.summary["specificity"]
+    lines = [
+        'EMCID demo: "circle" -> "square" in the shipped shapes model',
+        "",
+        f'P(square | "a red circle")            before {row["destination_before"]:.2f}   after {row["destination_after"]:.2f}',
+        f"P(square | held-out phrasings)        before {general['destination_before']:.2f}   after {general['destination_after']:.2f}",
+        f"other shapes drawn right (controls)   before {controls['source_before']:.2f}   after {controls['source_after']:.2f}",
+        "",
+        result.table(),
+        "",
+        f"edit (statistics, stage 1, stage 2): {edit_seconds:.0f} s; evaluation: {evaluation_seconds:.0f} s",
+        f"picture: {folder / 'before_after.png'}; metrics: {folder / 'metrics.json'}",
+    ]
+    return "\n".join(lines)
