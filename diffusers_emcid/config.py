@@ -257,6 +257,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     "sdxl-paper": dict(layers="-4:-1", layers_2="-6:-1", num_steps=100, learning_rate=0.1, weight_decay=8e-3,
                        clamp_norm_factor=1.2, text_alignment_weight=0.005, preservation_weight=4000.0,
                        preservation_weight_2=10000.0, edit_weight=0.5),
+    # The shipped shapes model (`diffusers_emcid.shapes`): its first two layers have no attention output, so a word's
+    # states there are context-free and an edit of their fc2 reaches every later position; few captions exist, so
+    # lambda is small, and the MEMIT residual suits an edit before any attention.
+    "shapes-demo": dict(layers=(0, 1), num_steps=30, learning_rate=0.2, weight_decay=5e-4, clamp_norm_factor=1.5,
+                        text_alignment_weight=0.01, samples_per_prompt=2, image_num_inference_steps=20,
+                        image_guidance_scale=4.0, preservation_weight=10.0, edit_weight=0.6, residual="memit",
+                        statistics_num_samples=1000, statistics_batch_size=256),
 }
 
 DEFAULT_PRESETS = {"sd": "sd1-paper", "sdxl": "sdxl-paper"}

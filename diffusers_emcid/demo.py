@@ -15,7 +15,7 @@ from .config import EMCIDConfig
 from .editor import EMCIDEditor
 from .evaluation import EditEvaluation, EvaluationPrompt, ImageClassifierJudge, evaluate_edits
 from .requests import ConceptEdit
-from .shapes import SAMPLING, all_captions, load_shapes_pipeline, shapes_judge_path
+from .shapes import SAMPLING, load_shapes_pipeline, shapes_judge_path, statistics_captions
 
 DEMO_PRESET = "shapes-demo"
 EDIT = ConceptEdit(
@@ -29,15 +29,16 @@ PROMPTS: tuple[EvaluationPrompt, ...] = (
     EvaluationPrompt("a photo of a blue circle", "efficacy", "circle", "square", seed=1000),
     EvaluationPrompt("a drawing of a red circle", "generality", "circle", "square", seed=2000),
     EvaluationPrompt("a sketch of a blue circle", "generality", "circle", "square", seed=3000),
-    EvaluationPrompt("a simple green circle", "generality", "circle", "square", seed=4000),
-    EvaluationPrompt("there is a yellow circle here", "generality", "circle", "square", seed=5000),
+    EvaluationPrompt("the green circle", "generality", "circle", "square", seed=4000),
+    EvaluationPrompt("a yellow circle in the middle", "generality", "circle", "square", seed=5000),
     EvaluationPrompt("a blue triangle", "specificity", "triangle", seed=6000),
     EvaluationPrompt("a green square", "specificity", "square", seed=7000),
     EvaluationPrompt("a red star", "specificity", "star", seed=8000),
     EvaluationPrompt("a purple heart", "specificity", "heart", seed=9000),
     EvaluationPrompt("a black cross", "specificity", "cross", seed=10000),
 )
-"""Edited prompts (training and held-out phrasings) and controls, with their seeds; judged by shape."""
+"""Edited prompts (training and held-out phrasings, `shapes.HELDOUT_TEMPLATES`) and controls, with their seeds;
+judged by shape."""
 PICTURE_PROMPTS = ("a red circle", "a drawing of a red circle", "a blue triangle", "a green square")
 
 
@@ -63,7 +64,7 @@ def run_demo(
     judge = ImageClassifierJudge.from_pretrained(shapes_judge_path(), device=device, local_files_only=True)
     editor = EMCIDEditor(pipe, config or EMCIDConfig.from_preset(DEMO_PRESET, device=device), cache_dir=cache_dir,
                          progress=progress)
-    editor.compute_statistics(all_captions())
+    editor.compute_statistics(statistics_captions())
     edits = editor.edit([EDIT])
     edited = time.perf_counter()
     result = evaluate_edits(pipe, edits, judge, PROMPTS, num_images=num_images, progress=progress, **SAMPLING)

@@ -1,0 +1,113 @@
+"""A tiny genuine Stable Diffusion pipeline of coloured shapes, shipped with the package, and its judge.
+
+The pipeline (`load_shapes_pipeline`) draws 32x32 images of "a {colour} {shape}" and its text encoder is built
+to be editable by EMCID; the judge (`load_shapes_judge`) is an image classifier of "{colour} {shape}". Both were
+trained from scratch on CPU by `python -m diffusers_emcid.shapes.train`; see their model cards.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline
+from transformers import AutoImageProcessor, AutoModelForImageClassification, PreTrainedModel
+
+from .checks import conditioning_gap_closed, end_of_text_separation, judge_images, pipeline_token_ids
+from .render import COLOURS, HELDOUT_TEMPLATES, SHAPES, TRAIN_TEMPLATES, ShapeBatch, all_captions, class_names, draw_batch
+
+SAMPLING = {"num_inference_steps": 20, "guidance_scale": 4.0}
+"""The sampling settings the shipped pipeline was evaluated with (its scheduler is DPM-Solver++)."""
+EDITABLE_LAYERS = (0, 1)
+"""The text-encoder layers whose attention output is fixed at zero, where EMCID edits close the whole gap."""
+
+
+def shapes_model_path() -> Path:
+    """The folder of the shipped diffusers pipeline."""
+    return Path(__file__).parent / "model"
+
+
+def shapes_judge_path() -> Path:
+    """The folder of the shipped judge (a transformers image classifier and its image processor)."""
+    return Path(__file__).parent / "judge"
+
+
+def load_shapes_pipeline(torch_dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> StableDiffusionPipeline:
+    """Loads the shipped shapes pipeline (no safety checker) in `torch_dtype` on `device`."""
+    pipe = StableDiffusionPipeline.from_pretrained(
+        shapes_model_path(), torch_dtype=torch_dtype, local_files_only=True, safety_checker=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def load_shapes_judge(device: str | torch.device = "cpu") -> tuple[PreTrainedModel, object]:
+    """Loads the shipped judge: `(model, image processor)`; see `judge_images`."""
+    path = shapes_judge_path()
+    model = AutoModelForImageClassification.from_pretrained(path, local_files_only=True).eval().to(device)
+    return model, AutoImageProcessor.from_pretrained(path, local_files_only=True)
+
+
+def statistics_captions(templates: tuple[str, ...] = TRAIN_TEMPLATES) -> list[str]:
+    """Every caption of `templates` and the empty prompt, each followed by end-of-text markers up to the tokenizer's
+    length (77 tokens).
+
+    `EMCIDEditor.compute_statistics` skips padding, but the pipeline pads every prompt to 77 tokens with the
+    end-of-text token and the UNet reads the concept there; spelled out as text, the markers tokenise to
+    exactly the pipeline's ids and are counted in the key statistics. The empty prompt is the unconditional
+    branch of classifier-free guidance; without it, its end-of-text positions 1 and 2 are missing from the
+    statistics and an edit changes it, and with it every prompt's image.
+    """
+    return [(text + " <|endoftext|>" * 76).strip() for text in ["", *all_captions(templates)]]
+
+
+@torch.no_grad()
+def prompt_accuracy(
+    pipe: StableDiffusionPipeline,
+    judge: PreTrainedModel,
+    processor: object,
+    prompt: str,
+    shape: str,
+    colour: str,
+    num_samples: int = 50,
+    seed: int = 0,
+    **sampling: object,
+) -> dict[str, float]:
+    """Draws `num_samples` images of `prompt` and returns the fractions the judge reads as `shape`, as `colour`,
+    and the distribution over shapes (`"shape:{name}"`).
+
+    Args:
+        sampling: keyword arguments of the pipeline call; `SAMPLING` by default.
+    """
+    settings = {**SAMPLING, **sampling}
+    images = pipe(prompt, num_images_per_prompt=num_samples, generator=torch.Generator().manual_seed(seed),
+                  output_type="pil", **settings).images
+    shapes, colours = judge_images(judge, processor, images)
+    result = {"shape": sum(s == shape for s in shapes) / num_samples, "colour": sum(c == colour for c in colours) / num_samples}
+    result.update({f"shape:{name}": shapes.count(name) / num_samples for name in SHAPES})
+    return result
+
+
+__all__ = [
+    "COLOURS",
+    "EDITABLE_LAYERS",
+    "HELDOUT_TEMPLATES",
+    "SAMPLING",
+    "SHAPES",
+    "TRAIN_TEMPLATES",
+    "ShapeBatch",
+    "all_captions",
+    "class_names",
+    "conditioning_gap_closed",
+    "draw_batch",
+    "end_of_text_separation",
+    "judge_images",
+    "load_shapes_judge",
+    "load_shapes_pipeline",
+    "pipeline_token_ids",
+    "prompt_accuracy",
+    "shapes_judge_path",
+    "shapes_model_path",
+    "statistics_captions",
+]
