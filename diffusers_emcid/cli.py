@@ -14,6 +14,18 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from diffusers import DiffusionPipeline
+
+from .config import DEFAULT_PRESETS, EMCIDConfig
+from .demo import run_demo
+from .editor import EMCIDEditor
+from .edits import ConceptEdits
+from .encoders import pipeline_family
+from .errors import ConceptEditsLoadError, EMCIDNumericalError
+from .evaluation import ImageClassifierJudge, evaluate_edits, load_evaluation_prompts
+from .key_statistics import load_captions
+from .requests import ConceptEdit
+from .shapes import shapes_judge_path, shapes_model_path
 
 EXIT_BAD_INPUT, EXIT_NUMERICAL, EXIT_INTERRUPTED = 2, 3, 130
 SHAPES_MODEL = "shapes"
@@ -26,11 +38,9 @@ class CommandError(Exception):
     """A problem with what the user asked for; its message is printed as is."""
 
 
-def load_pairs(path: str | os.PathLike) -> list["ConceptEdit"]:
+def load_pairs(path: str | os.PathLike) -> list[ConceptEdit]:
     """Reads concept pairs from a CSV file: `source,destination` per row, with an optional header that may add
     `templates` (joined by `|`, each containing `{}`) and `seed` columns."""
-    from .requests import ConceptEdit
-
     path = Path(path)
     if not path.is_file():
         raise CommandError(f"the pairs file {str(path)!r} does not exist; write one 'source,destination' pair per line.")
@@ -58,12 +68,8 @@ def load_pairs(path: str | os.PathLike) -> list["ConceptEdit"]:
     return requests
 
 
-def load_pipeline(model: str, device: str | None, dtype: str | None):
+def load_pipeline(model: str, device: str | None, dtype: str | None) -> DiffusionPipeline:
     """The pipeline of a model id or folder (or the shipped shapes model), on `device` in `dtype`."""
-    from diffusers import DiffusionPipeline
-
-    from .shapes import shapes_model_path
-
     torch_dtype = getattr(torch, dtype) if dtype else torch.float32
     source = shapes_model_path() if model == SHAPES_MODEL else model
     try:
@@ -76,10 +82,7 @@ def load_pipeline(model: str, device: str | None, dtype: str | None):
     return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def make_config(args: argparse.Namespace, pipe) -> "EMCIDConfig":
-    from .config import DEFAULT_PRESETS, EMCIDConfig
-    from .encoders import pipeline_family
-
+def make_config(args: argparse.Namespace, pipe) -> EMCIDConfig:
     overrides = {name: getattr(args, name) for name in ("num_steps", "concept_batch_size", "statistics_num_samples")
                  if getattr(args, name, None) is not None}
     if getattr(args, "dtype", None) in ("float16", "bfloat16"):
@@ -89,16 +92,12 @@ def make_config(args: argparse.Namespace, pipe) -> "EMCIDConfig":
 
 
 def read_captions(path: str) -> list[str]:
-    from .key_statistics import load_captions
-
     if not Path(path).is_file():
         raise CommandError(f"the captions file {path!r} does not exist; give a .txt (one caption a line), .json or .jsonl file.")
     return load_captions(path)
 
 
 def command_stats(args: argparse.Namespace) -> None:
-    from .editor import EMCIDEditor
-
     pipe = load_pipeline(args.model, args.device, args.dtype)
     editor = EMCIDEditor(pipe, make_config(args, pipe), cache_dir=args.cache_dir)
     covariances = editor.compute_statistics(read_captions(args.captions))
@@ -107,8 +106,6 @@ def command_stats(args: argparse.Namespace) -> None:
 
 
 def command_edit(args: argparse.Namespace) -> None:
-    from .editor import EMCIDEditor
-
     requests = load_pairs(args.pairs)
     pipe = load_pipeline(args.model, args.device, args.dtype)
     editor = EMCIDEditor(pipe, make_config(args, pipe), cache_dir=args.cache_dir)
@@ -125,10 +122,6 @@ def command_edit(args: argparse.Namespace) -> None:
 
 
 def command_eval(args: argparse.Namespace) -> None:
-    from .edits import ConceptEdits
-    from .evaluation import ImageClassifierJudge, evaluate_edits, load_evaluation_prompts
-    from .shapes import shapes_judge_path
-
     prompts = load_evaluation_prompts(args.prompts)
     pipe = load_pipeline(args.model, args.device, args.dtype)
     edits = ConceptEdits.from_pretrained(args.edits)
@@ -145,8 +138,6 @@ def command_eval(args: argparse.Namespace) -> None:
 
 
 def command_push(args: argparse.Namespace) -> None:
-    from .edits import ConceptEdits
-
     if not Path(args.folder).is_dir():
         raise CommandError(f"{args.folder!r} is not a folder; give the folder that `emcid edit --out` wrote.")
     edits = ConceptEdits.from_pretrained(args.folder)
@@ -155,8 +146,6 @@ def command_push(args: argparse.Namespace) -> None:
 
 
 def command_demo(args: argparse.Namespace) -> None:
-    from .demo import run_demo
-
     run_demo(Path(args.out), num_images=args.num_images, device=args.device, cache_dir=args.cache_dir)
 
 
@@ -225,8 +214,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .errors import ConceptEditsLoadError, EMCIDNumericalError
-
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -42,10 +42,9 @@ def test_pipeline_draws_32px_images(pipe):
 
 
 def test_judge_labels_and_accuracy_on_fresh_images(judge):
-    model, processor = judge
-    assert set(model.config.id2label.values()) == {f"{c} {s}" for c in COLOURS for s in SHAPES}
+    assert set(judge.labels) == {f"{c} {s}" for c in COLOURS for s in SHAPES}
     batch = draw_batch(300, seed=20_240_601, templates=HELDOUT_TEMPLATES)
-    shapes, colours = judge_images(model, processor, batch.images)
+    shapes, colours = judge_images(judge, batch.images)
     colour_names = list(COLOURS)
     right = sum(s == SHAPES[i] and c == colour_names[j] for s, c, i, j in zip(shapes, colours, batch.shapes, batch.colours))
     assert right / len(shapes) >= 0.95

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionPipeline
-from transformers import AutoImageProcessor, AutoModelForImageClassification, PreTrainedModel
 
+from ..evaluation import ImageClassifierJudge, draw_images
 from .checks import conditioning_gap_closed, end_of_text_separation, judge_images, pipeline_token_ids
 from .render import COLOURS, HELDOUT_TEMPLATES, SHAPES, TRAIN_TEMPLATES, ShapeBatch, all_captions, class_names, draw_batch
 
@@ -42,11 +42,9 @@ def load_shapes_pipeline(torch_dtype: torch.dtype = torch.float32, device: str |
     return pipe.to(device)
 
 
-def load_shapes_judge(device: str | torch.device = "cpu") -> tuple[PreTrainedModel, object]:
-    """Loads the shipped judge: `(model, image processor)`; see `judge_images`."""
-    path = shapes_judge_path()
-    model = AutoModelForImageClassification.from_pretrained(path, local_files_only=True).eval().to(device)
-    return model, AutoImageProcessor.from_pretrained(path, local_files_only=True)
+def load_shapes_judge(device: str | torch.device = "cpu") -> ImageClassifierJudge:
+    """Loads the shipped judge, an image classifier of "{colour} {shape}"; see `judge_images`."""
+    return ImageClassifierJudge.from_pretrained(shapes_judge_path(), device=device, local_files_only=True)
 
 
 def statistics_captions(templates: tuple[str, ...] = TRAIN_TEMPLATES) -> list[str]:
@@ -65,8 +63,7 @@ def statistics_captions(templates: tuple[str, ...] = TRAIN_TEMPLATES) -> list[st
 @torch.no_grad()
 def prompt_accuracy(
     pipe: StableDiffusionPipeline,
-    judge: PreTrainedModel,
-    processor: object,
+    judge: ImageClassifierJudge,
     prompt: str,
     shape: str,
     colour: str,
@@ -74,16 +71,14 @@ def prompt_accuracy(
     seed: int = 0,
     **sampling: object,
 ) -> dict[str, float]:
-    """Draws `num_samples` images of `prompt` and returns the fractions the judge reads as `shape`, as `colour`,
-    and the distribution over shapes (`"shape:{name}"`).
+    """Draws `num_samples` images of `prompt` (seeds `seed, seed + 1, ...`) and returns the fractions the judge
+    reads as `shape`, as `colour`, and the distribution over shapes (`"shape:{name}"`).
 
     Args:
         sampling: keyword arguments of the pipeline call; `SAMPLING` by default.
     """
-    settings = {**SAMPLING, **sampling}
-    images = pipe(prompt, num_images_per_prompt=num_samples, generator=torch.Generator().manual_seed(seed),
-                  output_type="pil", **settings).images
-    shapes, colours = judge_images(judge, processor, images)
+    images = draw_images(pipe, prompt, seed, num_samples, **{**SAMPLING, **sampling})
+    shapes, colours = judge_images(judge, images)
     result = {"shape": sum(s == shape for s in shapes) / num_samples, "colour": sum(c == colour for c in colours) / num_samples}
     result.update({f"shape:{name}": shapes.count(name) / num_samples for name in SHAPES})
     return result

@@ -14,9 +14,10 @@ from typing import Iterator, Sequence
 import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
-from transformers import CLIPTextModel, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import CLIPTextModel, PreTrainedTokenizerBase
 
 from ..encoders import find_text_encoder_layout
+from ..evaluation import ImageClassifierJudge, concept_probability
 from ..tokens import subject_token_positions
 from .render import COLOURS, SHAPES
 
@@ -89,27 +90,19 @@ def end_of_text_separation(pipe: StableDiffusionPipeline, prompts: Sequence[str]
     return float(ratios.min())
 
 
-@torch.no_grad()
-def judge_images(judge: PreTrainedModel, processor: object, images: Sequence | torch.Tensor,
-                 batch_size: int = 256) -> tuple[list[str], list[str]]:
-    """The judge's `(shapes, colours)` for images (PIL images, or a (B, 3, H, W) tensor in [0, 1]).
+def judge_images(judge: ImageClassifierJudge, images: Sequence | torch.Tensor) -> tuple[list[str], list[str]]:
+    """The shapes judge's `(shapes, colours)` for images (PIL images, or a (B, 3, H, W) tensor in [0, 1]).
 
     The shape is the most probable shape after summing the class probabilities over colours, and the
     colour likewise.
     """
     if isinstance(images, torch.Tensor):
         images = [_to_pil(image) for image in images]
-    images = list(images)
-    probabilities = []
-    for start in range(0, len(images), batch_size):
-        inputs = processor(images=images[start : start + batch_size], return_tensors="pt")
-        logits = judge(pixel_values=inputs["pixel_values"].to(judge.device, judge.dtype)).logits
-        probabilities.append(logits.float().softmax(-1).cpu())
-    grid = torch.cat(probabilities).view(-1, len(COLOURS), len(SHAPES))
+    probabilities = judge(list(images))
     colour_names = list(COLOURS)
-    shapes = [SHAPES[i] for i in grid.sum(1).argmax(-1).tolist()]
-    colours = [colour_names[i] for i in grid.sum(2).argmax(-1).tolist()]
-    return shapes, colours
+    shapes = torch.stack([concept_probability(probabilities, judge.labels, s) for s in SHAPES], dim=1).argmax(1)
+    colours = torch.stack([concept_probability(probabilities, judge.labels, c) for c in colour_names], dim=1).argmax(1)
+    return [SHAPES[i] for i in shapes.tolist()], [colour_names[i] for i in colours.tolist()]
 
 
 def _to_pil(image: torch.Tensor) -> Image.Image:

@@ -17,14 +17,15 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionPipeline
 
+from ..evaluation import ImageClassifierJudge
 from . import SAMPLING, judge_images, load_shapes_judge, load_shapes_pipeline, prompt_accuracy
 from .render import COLOURS, HELDOUT_TEMPLATES, SHAPES, caption, draw_batch
 
 
-def judge_accuracy(judge: torch.nn.Module, processor: object, num_images: int = 2000, seed: int = 123_456) -> float:
+def judge_accuracy(judge: ImageClassifierJudge, num_images: int = 2000, seed: int = 123_456) -> float:
     """The share of fresh rendered images (held-out captions, an unused seed) whose colour and shape the judge gets."""
     batch = draw_batch(num_images, seed, HELDOUT_TEMPLATES)
-    shapes, colours = judge_images(judge, processor, batch.images)
+    shapes, colours = judge_images(judge, batch.images)
     names = list(COLOURS)
     right = [s == SHAPES[i] and c == names[j] for s, c, i, j in zip(shapes, colours, batch.shapes, batch.colours)]
     return sum(right) / num_images
@@ -43,17 +44,17 @@ def main() -> None:
         pipe = StableDiffusionPipeline.from_pretrained(args.model, torch_dtype=torch.float32, local_files_only=True,
                                                        safety_checker=None, requires_safety_checker=False)
         pipe.set_progress_bar_config(disable=True)
-    judge, processor = load_shapes_judge()
+    judge = load_shapes_judge()
     began = time.time()
     report: dict[str, object] = {"sampling": SAMPLING, "samples_per_prompt": args.samples,
-                                 "judge_accuracy": judge_accuracy(judge, processor)}
+                                 "judge_accuracy": judge_accuracy(judge)}
     print(f"judge accuracy on fresh images: {report['judge_accuracy']:.4f}", flush=True)
     for template in args.templates:
         rows = {}
         for colour in COLOURS:
             for shape in SHAPES:
                 prompt = caption(template, colour, shape)
-                result = prompt_accuracy(pipe, judge, processor, prompt, shape, colour, args.samples)
+                result = prompt_accuracy(pipe, judge, prompt, shape, colour, args.samples)
                 rows[prompt] = {"shape": result["shape"], "colour": result["colour"]}
                 print(f"{prompt!r}: shape {result['shape']:.2f} colour {result['colour']:.2f}", flush=True)
         report[template] = {
