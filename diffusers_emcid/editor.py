@@ -292,8 +292,8 @@ class EMCIDEditor:
         Stage-1 vectors are cached on disk by content, so a repeated or interrupted run recomputes only
         what is missing. Under `accelerate launch --num_processes n` (one pipeline per process, e.g. moved to
         `PartialState().device`, and one cache folder all processes share), stage 1 is shared out between the
-        processes; the main process then runs stage 2 and every process returns its result. The result keeps the concepts in a canonical order (by source), so it does not
-        depend on the order of `requests`.
+        processes; the main process then runs stage 2 and every process returns its result. The result keeps
+        the concepts in a canonical order (by source), so it does not depend on the order of `requests`.
 
         Args:
             requests: `ConceptEdit`s, or `(source, destination)` tuples with the default templates.
