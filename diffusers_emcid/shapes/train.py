@@ -1,6 +1,7 @@
 """Trains the tiny shapes text-to-image pipeline and its judge from scratch, reproducibly, on CPU.
 
-    python -m diffusers_emcid.shapes.train --out DIR [--seed 0] [--bpe open_clip_torch-*.whl]
+    pip download open-clip-torch==3.3.0 --no-deps -d wheels     # for the BPE vocabulary (MIT licence)
+    python -m diffusers_emcid.shapes.train --out DIR --bpe wheels/open_clip_torch-3.3.0-py3-none-any.whl [--seed 0]
 
 Stages (each is saved under `DIR/checkpoints` and skipped when rerun):
 
@@ -32,6 +33,7 @@ import time
 import zipfile
 from functools import lru_cache
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +50,6 @@ from ..encoders import find_text_encoder_layout
 from .checks import conditioning_gap_closed, end_of_text_separation, pipeline_token_ids
 from .render import COLOURS, RESOLUTION, SHAPES, class_names, draw_batch, draw_captions
 
-DEFAULT_BPE = "/tmp/ocw/open_clip_torch-3.3.0-py3-none-any.whl"
 BPE_MEMBER = "open_clip/bpe_simple_vocab_16e6.txt.gz"
 JUDGE_RESOLUTION = 64
 NUM_MERGES = 49152 - 256 - 2
@@ -327,11 +328,20 @@ def check_encoder(pipe: StableDiffusionPipeline, zero_layers: int) -> dict[str, 
     return {"gap_closed_min_mean": gaps, "end_of_text_separation": separation, "zero_attention_layers": zero_layers}
 
 
+def checkpointed(path: Path, model_class: type, train: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """The model saved at `path` (frozen, in eval mode) if there is one, else `train()`, saved there."""
+    if (path / "config.json").exists():
+        return model_class.from_pretrained(path).eval().requires_grad_(False)
+    model = train()
+    model.save_pretrained(path)
+    return model
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--bpe", default=DEFAULT_BPE, help="open-clip-torch wheel or bpe_simple_vocab_16e6.txt.gz")
+    parser.add_argument("--bpe", required=True, help="the open-clip-torch wheel, or bpe_simple_vocab_16e6.txt.gz from it")
     parser.add_argument("--zero-attention-layers", type=int, default=2)
     parser.add_argument("--encoder-steps", type=int, default=400)
     parser.add_argument("--vae-steps", type=int, default=800)
@@ -347,12 +357,8 @@ def main() -> None:
     timings["tokenizer"] = time.time() - began
 
     began = time.time()
-    encoder_path = checkpoints / "text_encoder"
-    if encoder_path.exists():
-        encoder = CLIPTextModel.from_pretrained(encoder_path).eval().requires_grad_(False)
-    else:
-        encoder = train_text_encoder(tokenizer, args.seed, args.encoder_steps, args.zero_attention_layers)
-        encoder.save_pretrained(encoder_path)
+    encoder = checkpointed(checkpoints / "text_encoder", CLIPTextModel,
+                           lambda: train_text_encoder(tokenizer, args.seed, args.encoder_steps, args.zero_attention_layers))
     probe = StableDiffusionPipeline(vae=vae_model(), text_encoder=encoder, tokenizer=tokenizer, unet=unet_model(),
                                     scheduler=noise_scheduler(), safety_checker=None, feature_extractor=None,
                                     requires_safety_checker=False)
@@ -364,22 +370,12 @@ def main() -> None:
     timings["text_encoder"] = time.time() - began
 
     began = time.time()
-    vae_path = checkpoints / "vae"
-    if vae_path.exists():
-        vae = AutoencoderKL.from_pretrained(vae_path).eval().requires_grad_(False)
-    else:
-        vae = train_vae(args.seed, args.vae_steps)
-        vae.save_pretrained(vae_path)
+    vae = checkpointed(checkpoints / "vae", AutoencoderKL, lambda: train_vae(args.seed, args.vae_steps))
     timings["vae"] = time.time() - began
 
     began = time.time()
-    judge_path = args.out / "judge"
-    if (judge_path / "config.json").exists():
-        judge = ResNetForImageClassification.from_pretrained(judge_path)
-    else:
-        judge = train_judge(vae, args.seed, args.judge_steps)
-        judge.save_pretrained(judge_path)
-        judge_processor().save_pretrained(judge_path)
+    checkpointed(args.out / "judge", ResNetForImageClassification, lambda: train_judge(vae, args.seed, args.judge_steps))
+    judge_processor().save_pretrained(args.out / "judge")
     timings["judge"] = time.time() - began
 
     began = time.time()
