@@ -7,9 +7,9 @@ the updates of the earlier layers:
     R = (z - V) / (L - i)   with V = fc2 outputs ("paper") or z-layer states ("memit")   (d, N)
     dW = alpha R K^T ((1 - alpha) lambda C + alpha K K^T)^-1                        (d, d_ff)
 
-solved in float64 by a Cholesky factorisation (`torch.linalg.solve` if the system is not positive definite). dW = up @ down with up = alpha R and
-down = (M^-1 K)^T, which are kept as exact LoRA factors of rank N (or of full rank min(d, d_ff),
-split evenly by an SVD, when N exceeds it).
+solved in float64 by a Cholesky factorisation (`torch.linalg.solve` if the system is not positive
+definite). dW = up @ down with up = alpha R and down = (M^-1 K)^T, which are kept as exact LoRA factors
+of rank N (or of full rank min(d, d_ff), split evenly by an SVD, when N exceeds it).
 """
 
 from __future__ import annotations
