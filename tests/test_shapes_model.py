@@ -60,3 +60,13 @@ def test_encoder_is_editable_at_the_demo_layers(pipe, layer):
     for source, destination in [("a red circle", "a red square"), ("a drawing of a blue star", "a drawing of a blue heart")]:
         subject, word = source.split()[-1], destination.split()[-1]
         assert conditioning_gap_closed(pipe, source, destination, subject, word, layer) >= 0.9
+
+
+def test_shipped_folders_carry_model_cards_that_say_how_they_were_made():
+    from diffusers_emcid.shapes import shapes_judge_path, shapes_model_path
+
+    for folder in (shapes_model_path(), shapes_judge_path()):
+        card = (folder / "README.md").read_text()
+        assert card.startswith("---\n") and "diffusers_emcid.shapes.train" in card, folder
+    total = sum(p.stat().st_size for folder in (shapes_model_path(), shapes_judge_path()) for p in folder.rglob("*") if p.is_file())
+    assert total < 20 * 2**20, f"the shipped model and judge take {total / 2**20:.1f} MB"
