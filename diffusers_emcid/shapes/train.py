@@ -331,7 +331,7 @@ def check_encoder(pipe: StableDiffusionPipeline, zero_layers: int) -> dict[str, 
 def checkpointed(path: Path, model_class: type, train: Callable[[], torch.nn.Module]) -> torch.nn.Module:
     """The model saved at `path` (frozen, in eval mode) if there is one, else `train()`, saved there."""
     if (path / "config.json").exists():
-        return model_class.from_pretrained(path).eval().requires_grad_(False)
+        return model_class.from_pretrained(path).float().eval().requires_grad_(False)
     model = train()
     model.save_pretrained(path)
     return model
