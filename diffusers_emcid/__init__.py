@@ -3,6 +3,7 @@
 from .config import PRESETS, EMCIDConfig
 from .debias import clip_zero_shot_judge
 from .editor import EMCIDEditor
+from .evaluation import EvaluationPrompt, ImageClassifierJudge, evaluate_edits
 from .errors import BaseModelMismatchError, ConceptEditsLoadError, EMCIDFormatError, EMCIDNumericalError
 from .edits import ConceptEdits
 from .loaders import PIPELINES_WITH_CONCEPT_EDITS, ConceptEditsLoaderMixin, add_concept_edit_methods
@@ -25,7 +26,10 @@ __all__ = [
     "EMCIDNumericalError",
     "EMCIDConfig",
     "EMCIDEditor",
+    "EvaluationPrompt",
+    "ImageClassifierJudge",
     "LowRankDelta",
     "__version__",
     "clip_zero_shot_judge",
+    "evaluate_edits",
 ]
