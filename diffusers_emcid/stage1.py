@@ -264,14 +264,13 @@ def _encode(
 
 
 def _unet_inputs(
-    conditioning: _Conditioning, lengths: list[int], rows: list[int], time_ids: torch.Tensor | None
+    conditioning: _Conditioning, mask: torch.Tensor | None, time_ids: torch.Tensor | None
 ) -> dict[str, object]:
-    """The UNet's keyword arguments for the prompts of several concepts, `rows[i]` prompts of `lengths[i]` tokens
-    for concept i; SD-XL's added conditioning when `time_ids` (1, 6) is given."""
+    """The UNet's keyword arguments: the hidden states, the cross-attention `mask` of `_length_mask`, and
+    SD-XL's added conditioning when `time_ids` (1, 6) is given."""
     added = None
     if time_ids is not None:
-        added = {"text_embeds": conditioning.pooled[-1], "time_ids": time_ids.expand(sum(rows), -1)}
-    mask = _length_mask(lengths, rows, conditioning.hidden.device)
+        added = {"text_embeds": conditioning.pooled[-1], "time_ids": time_ids.expand(conditioning.hidden.shape[0], -1)}
     return {"encoder_hidden_states": conditioning.hidden, "added_cond_kwargs": added, "encoder_attention_mask": mask}
 
 
@@ -387,6 +386,65 @@ class _ConceptRun:
                             losses=torch.tensor(self.losses), clamp_hits=self.clamp_hits)
 
 
+@dataclass
+class _ActiveBatch:
+    """What the optimisation step needs of the concepts still running, laid out as one batch of their prompts.
+
+    Built once per change of the set of running concepts, not at every step. Shapes: R prompts in all, B concepts.
+
+    Attributes:
+        owner: (R,) the concept of each prompt.
+        counts: (B,) prompts per concept.
+        source: per encoder, the source tokens (R, T_src), padded to the longest concept.
+        positions: per encoder, (R,) subject-token index.
+        prefix: per encoder, the z-layer states of the source prompts (R, T_src, d) (fast mode only).
+        source_mask / destination_mask: the cross-attention masks hiding the padding batching added.
+        target: the frozen destination conditioning of every prompt.
+        real_noise: (R,) whether a prompt's concept trains against the true noise.
+        text_alignment: (B,) 1 where a concept uses the text-alignment term.
+        decay_scales: per encoder, (B,) `weight_decay / ||h0||^2`.
+    """
+
+    runs: list[_ConceptRun]
+    owner: torch.Tensor
+    counts: torch.Tensor
+    source: list[TokenizedPrompts]
+    positions: list[torch.Tensor]
+    prefix: list[torch.Tensor] | None
+    source_mask: torch.Tensor | None
+    destination_mask: torch.Tensor | None
+    target: _Conditioning
+    real_noise: torch.Tensor
+    text_alignment: torch.Tensor
+    decay_scales: list[torch.Tensor]
+
+    @classmethod
+    def of(cls, runs: list[_ConceptRun], encoders: list[EditedEncoder], fast: bool, device: torch.device) -> "_ActiveBatch":
+        rows = [run.num_prompts for run in runs]
+        owner = torch.arange(len(runs), device=device).repeat_interleave(torch.tensor(rows, device=device))
+        encoder_indices = range(len(encoders))
+        return cls(
+            runs=runs,
+            owner=owner,
+            counts=torch.tensor(rows, device=device, dtype=torch.float32),
+            source=[TokenizedPrompts(_padded_cat([run.source[e].input_ids for run in runs], _pad_id(encoders[e])),
+                                     _padded_cat([run.source[e].attention_mask for run in runs])) for e in encoder_indices],
+            positions=[torch.cat([run.positions[e] for run in runs]) for e in encoder_indices],
+            prefix=[_padded_cat([run.prefix[e] for run in runs]) for e in encoder_indices] if fast else None,
+            source_mask=_length_mask([run.source_length for run in runs], rows, device),
+            destination_mask=_length_mask([run.destination_length for run in runs], rows, device),
+            target=_Conditioning(_padded_cat([run.target.hidden for run in runs]),
+                                 [torch.cat(p) for p in zip(*(run.target.pooled for run in runs))]),
+            real_noise=torch.tensor([run.request.use_real_noise for run in runs], device=device)[owner],
+            text_alignment=torch.tensor([run.request.text_alignment for run in runs], device=device, dtype=torch.float32),
+            decay_scales=[torch.stack([run.decay_scales[e] for run in runs]) for e in encoder_indices],
+        )
+
+    def per_concept_mean(self, row_values: torch.Tensor) -> torch.Tensor:
+        """(B,) the mean over each concept's prompts of (R,) values."""
+        return torch.zeros(len(self.runs), device=row_values.device).index_add(0, self.owner, row_values) / self.counts
+
+
 def optimize_concept_vectors(
     pipe: DiffusionPipeline,
     encoders: list[EditedEncoder],
@@ -419,11 +477,10 @@ def optimize_concept_vectors(
     prediction_type = noise_scheduler.config.prediction_type
     optimizer = torch.optim.Adam([delta for run in runs for delta in run.deltas], lr=config.learning_rate)
     active = list(runs)
+    batch = _ActiveBatch.of(active, encoders, fast, device)
     for step in range(config.num_steps):
         if not active:
             break
-        rows = [run.num_prompts for run in active]
-        owner = torch.arange(len(active), device=device).repeat_interleave(torch.tensor(rows, device=device))
         draws = [run.draw_step(noise_scheduler.config.num_train_timesteps, device) for run in active]
         latents, noise, timesteps = (torch.cat(parts) for parts in zip(*draws))
         latents = latents * pipe.vae.config.scaling_factor
@@ -431,43 +488,30 @@ def optimize_concept_vectors(
 
         with _autocast(device, config.dtype):
             with torch.no_grad():
-                target = _Conditioning(_padded_cat([run.target.hidden for run in active]),
-                                       [torch.cat(p) for p in zip(*(run.target.pooled for run in active))])
-                real = torch.tensor([run.request.use_real_noise for run in active], device=device)[owner]
                 if prediction_type == "v_prediction":
                     true_target = noise_scheduler.get_velocity(latents, noise, timesteps)
                 else:
                     true_target = latents if prediction_type == "sample" else noise
                 unet_target = true_target
-                if not real.all():
-                    unet_target = unet(noisy, timesteps, **_unet_inputs(target, [r.destination_length for r in active], rows, time_ids)).sample
-                target_noise = torch.where(real[:, None, None, None], true_target, unet_target.to(true_target.dtype))
+                if not batch.real_noise.all():
+                    unet_target = unet(noisy, timesteps, **_unet_inputs(batch.target, batch.destination_mask, time_ids)).sample
+                target_noise = torch.where(batch.real_noise[:, None, None, None], true_target, unet_target.to(true_target.dtype))
             deltas = [torch.stack([run.deltas[e] for run in active]) for e in range(len(encoders))]  # (B, d) each
-            batches = [TokenizedPrompts(_padded_cat([run.source[e].input_ids for run in active], _pad_id(encoder)),
-                                        _padded_cat([run.source[e].attention_mask for run in active]))
-                       for e, encoder in enumerate(encoders)]
-            positions = [torch.cat([run.positions[e] for run in active]) for e in range(len(encoders))]
             if fast:
-                prompt_rows = torch.arange(len(owner), device=device)
-                states = [_padded_cat([run.prefix[e] for run in active]).index_put(
-                    (prompt_rows, positions[e]), deltas[e][owner].to(active[0].prefix[e].dtype), accumulate=True)
-                    for e in range(len(encoders))]
-                edited = _encode(encoders, batches, states=states)
+                prompt_rows = torch.arange(len(batch.owner), device=device)
+                states = [prefix.index_put((prompt_rows, positions), delta[batch.owner].to(prefix.dtype), accumulate=True)
+                          for prefix, positions, delta in zip(batch.prefix, batch.positions, deltas)]
+                edited = _encode(encoders, batch.source, states=states)
             else:
-                edited = _encode(encoders, batches, deltas=[d[owner] for d in deltas], positions=positions)
-            prediction = unet(noisy, timesteps, **_unet_inputs(edited, [r.source_length for r in active], rows, time_ids)).sample
-        counts = torch.tensor(rows, device=device, dtype=torch.float32)
-        row_losses = (prediction.float() - target_noise.float()).pow(2).flatten(1).mean(1)
-        losses = torch.zeros(len(active), device=device).index_add(0, owner, row_losses) / counts
-        for e, delta in enumerate(deltas):
-            scales = torch.stack([run.decay_scales[e] for run in active])
+                edited = _encode(encoders, batch.source, deltas=[d[batch.owner] for d in deltas], positions=batch.positions)
+            prediction = unet(noisy, timesteps, **_unet_inputs(edited, batch.source_mask, time_ids)).sample
+        losses = batch.per_concept_mean((prediction.float() - target_noise.float()).pow(2).flatten(1).mean(1))
+        for delta, scales in zip(deltas, batch.decay_scales):
             losses = losses + scales * delta.norm(dim=1)
         if config.text_alignment_weight > 0:
-            aligned = torch.tensor([run.request.text_alignment for run in active], device=device, dtype=torch.float32)
-            for pooled, target_pooled in zip(edited.pooled, target.pooled):
-                row_terms = (pooled.float() - target_pooled.float()).pow(2).mean(1)
-                terms = torch.zeros(len(active), device=device).index_add(0, owner, row_terms) / counts
-                losses = losses + config.text_alignment_weight * aligned * terms
+            for pooled, target_pooled in zip(edited.pooled, batch.target.pooled):
+                terms = batch.per_concept_mean((pooled.float() - target_pooled.float()).pow(2).mean(1))
+                losses = losses + config.text_alignment_weight * batch.text_alignment * terms
         finite = torch.isfinite(losses.detach())
         for run, loss, ok in zip(active, losses.detach().tolist(), finite.tolist()):
             if not ok:
@@ -476,22 +520,21 @@ def optimize_concept_vectors(
                     f"{step}. Lower learning_rate (now {config.learning_rate}) or run the networks in float32 (dtype=None)."
                 )
         going_on = [run for run, ok in zip(active, finite.tolist()) if ok]
-        if going_on:
+        if going_on:  # a failed concept gets no gradient, and Adam leaves parameters without one untouched
             leaves = [delta for run in going_on for delta in run.deltas]
             gradients = torch.autograd.grad(losses[finite].sum(), leaves)
             for leaf, gradient in zip(leaves, gradients):
                 leaf.grad = gradient
-        for run in active:
-            if run.error is not None:
-                for delta in run.deltas:
-                    delta.grad = None  # Adam leaves parameters without a gradient untouched
         optimizer.step()
         for run, loss in zip(going_on, losses.detach()[finite].tolist()):
             run.clamp()
             run.losses.append(loss)
             for delta in run.deltas:
                 delta.grad = None
-        active = [run for run in going_on if not run.plateaued(config)]
+        still_running = [run for run in going_on if not run.plateaued(config)]
+        if still_running != active and still_running:
+            batch = _ActiveBatch.of(still_running, encoders, fast, device)
+        active = still_running
     results: list[Stage1Result | EMCIDNumericalError] = []
     for run in runs:
         result = run.error or run.result(encoders)
