@@ -120,7 +120,8 @@ class EMCIDConfig:
             a concept's result does not depend on the others in its batch.
         stage2_batch_size: prompts per forward pass when gathering stage-2 keys and values.
         dtype: autocast dtype for the frozen networks in stage 1 (`"bfloat16"`, `"float16"`) or `None`
-            for the pipeline's own precision. Delta, its Adam state and the loss stay in float32.
+            for the pipeline's own precision. Delta, its Adam state and the loss stay in float32 (float64 for a
+            float64 pipeline).
         device: where the work runs; `None` means the pipeline's device. Components are moved there for
             the duration of a call and moved back afterwards.
     """

@@ -66,7 +66,8 @@ class Stage1Result:
     """What stage 1 finds for one concept.
 
     Attributes:
-        vectors: per edited text encoder, z = h0 + delta, shape (d,), float32: the target of stage 2.
+        vectors: per edited text encoder, z = h0 + delta, shape (d,), in the optimisation dtype (see
+            `optimization_dtype`): the target of stage 2.
         h0: per edited text encoder, the clean z-layer hidden state at the subject token of prompt 0, (d,).
         losses: the total loss at every step, shape (num_steps,).
         clamp_hits: at how many steps a norm bound `clamp_norm_factor * ||h0||` was enforced.
@@ -188,6 +189,12 @@ def training_images(pipe: DiffusionPipeline, requests: Sequence[ConceptEdit], co
     for index, sample in zip(drawn, samples):
         images[index] = sample
     return images
+
+
+def optimization_dtype(pipe: DiffusionPipeline) -> torch.dtype:
+    """The dtype of delta, its Adam state and the loss: float64 for a float64 pipeline (exact comparisons), else
+    float32 whatever the networks' precision."""
+    return torch.float64 if pipe.unet.dtype == torch.float64 else torch.float32
 
 
 def _autocast(device: torch.device, dtype: str | None) -> torch.autocast:
@@ -317,8 +324,9 @@ class _ConceptRun:
         vae = pipe.vae
         with torch.no_grad():
             latent_dist = vae.encode(images.to(device, vae.dtype)).latent_dist
-        self.latent_mean = latent_dist.mean.float().unflatten(0, (num_prompts, num_samples))
-        self.latent_std = latent_dist.std.float().unflatten(0, (num_prompts, num_samples))
+        self.dtype = optimization_dtype(pipe)
+        self.latent_mean = latent_dist.mean.to(self.dtype).unflatten(0, (num_prompts, num_samples))
+        self.latent_std = latent_dist.std.to(self.dtype).unflatten(0, (num_prompts, num_samples))
 
         self.source = [b.to(device) for b in _tokenize_alike(encoders, request.source_prompts)]
         self.destination = [b.to(device) for b in _tokenize_alike(encoders, request.destination_prompts)]
@@ -334,7 +342,7 @@ class _ConceptRun:
                 with captured_outputs({"z": z_module}, stop_at=z_module) as captured:
                     run_until_stopped(encoder.layout.model, input_ids=batch.input_ids, attention_mask=batch.attention_mask)
                 self.prefix.append(captured["z"])  # (P, T, d)
-                self.h0.append(captured["z"][rows, position][0].float())
+                self.h0.append(captured["z"][rows, position][0].to(self.dtype))
             self.target = _encode(encoders, self.destination)
         self.deltas = [torch.zeros_like(h, requires_grad=True) for h in self.h0]
         self.radii = [config.clamp_norm_factor * h.norm() for h in self.h0]
@@ -426,7 +434,7 @@ class _ActiveBatch:
         return cls(
             runs=runs,
             owner=owner,
-            counts=torch.tensor(rows, device=device, dtype=torch.float32),
+            counts=torch.tensor(rows, device=device, dtype=runs[0].dtype),
             source=[TokenizedPrompts(_padded_cat([run.source[e].input_ids for run in runs], _pad_id(encoders[e])),
                                      _padded_cat([run.source[e].attention_mask for run in runs])) for e in encoder_indices],
             positions=[torch.cat([run.positions[e] for run in runs]) for e in encoder_indices],
@@ -436,13 +444,14 @@ class _ActiveBatch:
             target=_Conditioning(_padded_cat([run.target.hidden for run in runs]),
                                  [torch.cat(p) for p in zip(*(run.target.pooled for run in runs))]),
             real_noise=torch.tensor([run.request.use_real_noise for run in runs], device=device)[owner],
-            text_alignment=torch.tensor([run.request.text_alignment for run in runs], device=device, dtype=torch.float32),
+            text_alignment=torch.tensor([run.request.text_alignment for run in runs], device=device, dtype=runs[0].dtype),
             decay_scales=[torch.stack([run.decay_scales[e] for run in runs]) for e in encoder_indices],
         )
 
     def per_concept_mean(self, row_values: torch.Tensor) -> torch.Tensor:
         """(B,) the mean over each concept's prompts of (R,) values."""
-        return torch.zeros(len(self.runs), device=row_values.device).index_add(0, self.owner, row_values) / self.counts
+        zeros = torch.zeros(len(self.runs), device=row_values.device, dtype=row_values.dtype)
+        return zeros.index_add(0, self.owner, row_values) / self.counts
 
 
 def optimize_concept_vectors(
@@ -505,12 +514,13 @@ def optimize_concept_vectors(
             else:
                 edited = _encode(encoders, batch.source, deltas=[d[batch.owner] for d in deltas], positions=batch.positions)
             prediction = unet(noisy, timesteps, **_unet_inputs(edited, batch.source_mask, time_ids)).sample
-        losses = batch.per_concept_mean((prediction.float() - target_noise.float()).pow(2).flatten(1).mean(1))
+        work_dtype = runs[0].dtype
+        losses = batch.per_concept_mean((prediction.to(work_dtype) - target_noise.to(work_dtype)).pow(2).flatten(1).mean(1))
         for delta, scales in zip(deltas, batch.decay_scales):
             losses = losses + scales * delta.norm(dim=1)
         if config.text_alignment_weight > 0:
             for pooled, target_pooled in zip(edited.pooled, batch.target.pooled):
-                terms = batch.per_concept_mean((pooled.float() - target_pooled.float()).pow(2).mean(1))
+                terms = batch.per_concept_mean((pooled.to(work_dtype) - target_pooled.to(work_dtype)).pow(2).mean(1))
                 losses = losses + config.text_alignment_weight * batch.text_alignment * terms
         finite = torch.isfinite(losses.detach())
         for run, loss, ok in zip(active, losses.detach().tolist(), finite.tolist()):
