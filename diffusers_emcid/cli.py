@@ -17,7 +17,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from .config import DEFAULT_PRESETS, EMCIDConfig
-from .demo import run_demo
+from .demo import DEMO_NUM_IMAGES, run_demo
 from .editor import EMCIDEditor
 from .edits import ConceptEdits
 from .encoders import pipeline_family
@@ -177,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = add("demo", "edit 'circle' -> 'square' in the bundled shapes model, offline, and show the before/after", command_demo)
     demo.add_argument("--out", default="demo", help="folder for before_after.png and the metrics (default: demo)")
-    demo.add_argument("--num-images", type=int, default=50, help="images per evaluation prompt (default: 50)")
+    demo.add_argument("--num-images", type=int, default=DEMO_NUM_IMAGES,
+                      help=f"images per evaluation prompt (default: {DEMO_NUM_IMAGES})")
     demo.add_argument("--device", default="cpu")
     demo.add_argument("--cache-dir", default=None)
 

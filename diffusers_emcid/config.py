@@ -10,6 +10,9 @@ import diffusers
 
 ResidualMode = Literal["paper", "memit"]
 Stage1Mode = Literal["fast", "reference"]
+StatisticsPositions = Literal["paper", "pipeline"]
+STATISTICS_POSITIONS: tuple[str, ...] = ("paper", "pipeline")
+"""Which caption positions the key statistics cover; see `key_statistics`."""
 LayerSpec = str | Sequence[int]
 
 
@@ -110,6 +113,11 @@ class EMCIDConfig:
     Statistics (spec section 4):
         statistics_num_samples: captions used for C (a fixed pseudo-random subset if more are given).
         statistics_batch_size: captions per forward pass when computing C.
+        statistics_positions: the caption positions C covers: `"pipeline"` (the default) tokenises the captions and
+            the empty prompt as the pipeline does and includes the padding positions its UNet reads; `"paper"` covers
+            the real tokens only, as the authors' statistics (see `key_statistics`).
+        statistics_padding_weight: with `"pipeline"` positions, the weight of the padding positions' mean key
+            second moment against the real tokens' (1: padding and real tokens carry equal shares of C).
 
     Runtime:
         stage1_mode: `"fast"` optimises `concept_batch_size` concepts together and runs only the text-encoder
@@ -148,6 +156,8 @@ class EMCIDConfig:
     preservation_weight_2: float | None = None
     statistics_num_samples: int = 100_000
     statistics_batch_size: int = 100
+    statistics_positions: StatisticsPositions = "pipeline"
+    statistics_padding_weight: float = 1.0
     stage1_mode: Stage1Mode = "fast"
     concept_batch_size: int = 8
     stage2_batch_size: int = 256
@@ -169,7 +179,7 @@ class EMCIDConfig:
         for name in ("learning_rate", "clamp_norm_factor", "preservation_weight"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"EMCIDConfig.{name}={getattr(self, name)!r} must be > 0.")
-        for name in ("weight_decay", "text_alignment_weight", "image_guidance_scale"):
+        for name in ("weight_decay", "text_alignment_weight", "image_guidance_scale", "statistics_padding_weight"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"EMCIDConfig.{name}={getattr(self, name)!r} must be >= 0.")
         if self.preservation_weight_2 is not None and not self.preservation_weight_2 > 0:
@@ -194,6 +204,10 @@ class EMCIDConfig:
             raise ValueError(
                 f"EMCIDConfig.image_scheduler={self.image_scheduler!r} is not a diffusers scheduler class; use a name "
                 "such as 'DPMSolverMultistepScheduler', 'DDIMScheduler' or 'PNDMScheduler', or None."
+            )
+        if self.statistics_positions not in STATISTICS_POSITIONS:
+            raise ValueError(
+                f"EMCIDConfig.statistics_positions={self.statistics_positions!r} must be one of {list(STATISTICS_POSITIONS)}."
             )
         if self.stage1_mode not in ("fast", "reference"):
             raise ValueError(f"EMCIDConfig.stage1_mode={self.stage1_mode!r} must be 'fast' or 'reference'.")

@@ -148,10 +148,13 @@ class EMCIDEditor:
                 for module, home in zip(modules, homes):
                     module.to(home)
 
-    @staticmethod
-    def _statistics_prefix(model_fingerprint: str, layer: int) -> str:
-        """Statistics entries are named `{model}-layer{l}-{captions}`, so a model's entries can be listed."""
-        return f"{model_fingerprint[:32]}-layer{layer}-"
+    def _statistics_prefix(self, model_fingerprint: str, layer: int) -> str:
+        """Statistics entries are named `{model}-layer{l}-{positions}-{captions}`, so that a model's entries of the
+        configured positions can be listed."""
+        positions = self.config.statistics_positions
+        if positions == "pipeline":
+            positions += f"{self.config.statistics_padding_weight:g}"
+        return f"{model_fingerprint[:32]}-layer{layer}-{positions}-"
 
     # ---------------------------------------------------------------- statistics
 
@@ -183,7 +186,7 @@ class EMCIDEditor:
                 if statistics is None:
                     covariances, count = compute_key_second_moments(
                         encoder.layout, encoder.tokenizer, texts, encoder.layers, self.config.statistics_batch_size,
-                        self.progress,
+                        self.progress, self.config.statistics_positions, self.config.statistics_padding_weight,
                     )
                     for layer, covariance in covariances.items():
                         self.cache.save("statistics", self._statistics_prefix(fingerprint, layer) + suffix, {"mom2": covariance},
@@ -242,10 +245,15 @@ class EMCIDEditor:
         return True
 
     def _checked_statistics(self) -> dict[str, KeyStatistics]:
-        """The statistics of every edited encoder, refused if rank-deficient."""
+        """The statistics of every edited encoder, refused if rank-deficient or numerically singular (checked once
+        per statistics object)."""
         statistics = {e.component: self._statistics_for(e, self._encoder_fingerprint(e)) for e in self.encoders}
         for encoder in self.encoders:
-            statistics[encoder.component].check_rank(encoder.layout.intermediate_size)
+            checked = statistics[encoder.component]
+            checked.check_rank(encoder.layout.intermediate_size)
+            if not checked.well_conditioned:
+                checked.check_conditioning(encoder.component)
+                checked.well_conditioned = True
         return statistics
 
     # ---------------------------------------------------------------- editing

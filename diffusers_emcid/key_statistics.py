@@ -1,7 +1,17 @@
-"""Key statistics C = E[k k^T] of the edited fc2 layers over a caption set (spec section 4).
+"""Key statistics C = E[k k^T] of the edited fc2 layers over a caption set.
 
-C is the uncentred second moment of fc2's input over every non-padding token (start and end markers
-included) of the captions, per layer, in float32, always computed on the unedited model.
+C is an uncentred second moment of fc2's input, per layer, in float32, always computed on the unedited model.
+Which positions of a caption it covers (`StatisticsPositions`):
+
+* `"paper"`: every non-padding token (start and end markers included) of the captions, padded to the longest
+  caption of a batch, as the EMCID authors computed it. Nothing holds the padding positions in place, although
+  Stable Diffusion pipelines pad every prompt to 77 tokens and their UNet reads all 77, nor the empty prompt
+  that drives classifier-free guidance.
+* `"pipeline"`: the captions and the empty prompt tokenised as the pipeline does (padded to 77 with each
+  tokenizer's pad token, no attention mask), so C also covers the padding positions:
+  `C = C_tokens + padding_weight * C_padding`, with C_tokens the `"paper"` statistic (the real tokens are the same
+  under the causal mask) and C_padding the mean over the padding positions. The padding thus carries a fixed share
+  of C however many of the 77 positions it fills, and the real tokens keep their weight.
 """
 
 from __future__ import annotations
@@ -12,18 +22,24 @@ import random
 from pathlib import Path
 from typing import Sequence
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from .config import STATISTICS_POSITIONS, StatisticsPositions
 from .encoders import TextEncoderLayout, module_device
 from .errors import EMCIDNumericalError
 from .hooks import captured_outputs, run_until_stopped
-from .tokens import tokenize
+from .tokens import tokenize, tokenize_as_pipeline
 
 CaptionSource = Sequence[str] | str | os.PathLike
+MIN_EIGENVALUE_FRACTION = 1e-8
+"""Key statistics are refused when a layer's C has an eigenvalue below this fraction of its mean eigenvalue
+(trace / d_ff), or a negative one: C is then numerically singular (it is accumulated in float32, whose rounding
+is about 1e-7 of its entries), and stage 2 would write arbitrarily large updates along the directions it does not
+cover."""
 
 
 @dataclass
@@ -34,11 +50,13 @@ class KeyStatistics:
         covariances: {layer: C (d_ff, d_ff) float32}.
         num_tokens: the number of tokens averaged over; C has rank at most this.
         model_fingerprint: the fingerprint of the text encoder they were computed on.
+        well_conditioned: whether `check_conditioning` has passed on them.
     """
 
     covariances: dict[int, torch.Tensor]
     num_tokens: int
     model_fingerprint: str
+    well_conditioned: bool = field(default=False, compare=False)
 
     def rank_deficiency(self, intermediate_size: int) -> str | None:
         """A message if C cannot have full rank (fewer tokens than key dimensions), else `None`."""
@@ -55,6 +73,27 @@ class KeyStatistics:
         message = self.rank_deficiency(intermediate_size)
         if message:
             raise EMCIDNumericalError(message)
+
+    def check_conditioning(self, component: str = "text_encoder") -> None:
+        """Raises `EMCIDNumericalError` naming the first layer whose C is numerically singular: an eigenvalue below
+        `MIN_EIGENVALUE_FRACTION` of the mean eigenvalue, or negative. A float64 Cholesky factorisation decides; the
+        eigenvalues are computed only to report a failure."""
+        for layer in sorted(self.covariances):
+            covariance = self.covariances[layer].double()
+            floor = MIN_EIGENVALUE_FRACTION * float(covariance.diagonal().mean())
+            shifted = covariance - floor * torch.eye(covariance.shape[0], dtype=covariance.dtype)
+            if int(torch.linalg.cholesky_ex(shifted).info) == 0:
+                continue
+            eigenvalues = torch.linalg.eigvalsh(covariance)
+            mean = float(eigenvalues.mean())
+            raise EMCIDNumericalError(
+                f"The key statistics of {component} layer {layer} are numerically singular: their smallest eigenvalue is "
+                f"{float(eigenvalues[0]):.3g}, {float(eigenvalues[0]) / mean:.2g} of the mean eigenvalue {mean:.3g} (the "
+                f"limit is {MIN_EIGENVALUE_FRACTION:g}), and {int((eigenvalues < floor).sum())} of "
+                f"{len(eigenvalues)} eigenvalues lie below it. Stage 2 would write unbounded updates along those "
+                f"directions. Compute the statistics on more, and more varied, captions (they come from "
+                f"{self.num_tokens} positions; the paper used 100,000 captions)."
+            )
 
 
 def load_captions(captions: CaptionSource, column: str | None = None, split: str = "train") -> list[str]:
@@ -120,29 +159,59 @@ def compute_key_second_moments(
     layers: Sequence[int],
     batch_size: int = 100,
     progress: bool = True,
+    positions: StatisticsPositions = "paper",
+    padding_weight: float = 1.0,
 ) -> tuple[dict[int, torch.Tensor], int]:
-    """E[k k^T] of the fc2 inputs k of several layers, in one forward pass per caption batch.
+    """C of the fc2 inputs k of several layers, in one forward pass per caption batch (see the module docstring).
 
-    Captions are sorted by length so that batches carry little padding; each pass stops after the
-    deepest requested layer.
+    Each pass stops after the deepest requested layer. With `positions="paper"` the captions are sorted by length,
+    so that batches carry little padding.
+
+    Args:
+        positions: `"paper"` (real tokens only) or `"pipeline"` (the empty prompt is added and the padding
+            positions count, with weight `padding_weight`).
+        padding_weight: the weight of the padding positions' mean against the real tokens' (`"pipeline"` only).
 
     Returns:
-        `({layer: C (d_ff, d_ff) float32}, number of tokens averaged over)`.
+        `({layer: C (d_ff, d_ff) float32}, number of positions averaged over)`.
     """
+    if positions not in STATISTICS_POSITIONS:
+        raise ValueError(f"positions={positions!r} must be one of {list(STATISTICS_POSITIONS)}.")
     device = module_device(layout.model)
     modules = {str(layer): layout.fc2(layer) for layer in layers}
-    lengths = [len(ids) for ids in tokenizer(captions, truncation=True).input_ids]
-    ordered = [captions[i] for i in sorted(range(len(captions)), key=lambda i: lengths[i])]
-    sums = {layer: torch.zeros(layout.intermediate_size, layout.intermediate_size, device=device) for layer in layers}
-    count = 0
+    pipeline = positions == "pipeline"
+    if pipeline:
+        ordered = ["", *captions]
+    else:
+        lengths = [len(ids) for ids in tokenizer(captions, truncation=True).input_ids]
+        ordered = [captions[i] for i in sorted(range(len(captions)), key=lambda i: lengths[i])]
+    width = layout.intermediate_size
+    sums = {layer: torch.zeros(width, width, device=device) for layer in layers}
+    padding_sums = {layer: torch.zeros(width, width, device=device) for layer in layers} if pipeline else {}
+    count = padding_count = 0
     batches = range(0, len(ordered), batch_size)
     with captured_outputs(modules, capture_inputs=True, stop_at=modules[str(max(layers))]) as keys:
         for start in tqdm(batches, desc="EMCID statistics", unit="batch", disable=not progress):
-            batch = tokenize(tokenizer, ordered[start : start + batch_size]).to(device)
-            run_until_stopped(layout.model, input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+            texts = ordered[start : start + batch_size]
+            if pipeline:  # the encoder sees what the pipeline gives it: no attention mask
+                batch = tokenize_as_pipeline(tokenizer, texts).to(device)
+                run_until_stopped(layout.model, input_ids=batch.input_ids)
+            else:
+                batch = tokenize(tokenizer, texts).to(device)
+                run_until_stopped(layout.model, input_ids=batch.input_ids, attention_mask=batch.attention_mask)
             mask = batch.attention_mask.bool()
             for layer in layers:
                 k = keys[str(layer)][mask].float()
                 sums[layer].addmm_(k.T, k)
+                if pipeline:
+                    k = keys[str(layer)][~mask].float()
+                    padding_sums[layer].addmm_(k.T, k)
             count += int(mask.sum())
-    return {layer: (total / count).cpu() for layer, total in sums.items()}, count
+            padding_count += int((~mask).sum())
+    covariances = {}
+    for layer in layers:
+        covariance = sums[layer] / count
+        if pipeline and padding_count:
+            covariance += padding_weight * padding_sums[layer] / padding_count
+        covariances[layer] = covariance.cpu()
+    return covariances, count + padding_count

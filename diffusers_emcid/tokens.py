@@ -63,6 +63,21 @@ def tokenize(tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> Tokenize
     return TokenizedPrompts(batch.input_ids, batch.attention_mask)
 
 
+def tokenize_as_pipeline(tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> TokenizedPrompts:
+    """Tokenises prompts as Stable Diffusion pipelines do before their text encoders: every prompt padded to the
+    tokenizer's maximum length (77) with the tokenizer's own pad token (SD 1.x: the end marker; SD 2.x and SD-XL's
+    second tokenizer: "!"). The encoders then run without an attention mask, so every position, padding included,
+    is computed and read by the UNet.
+
+    Returns:
+        The ids, (B, model_max_length), and a mask of the real tokens (start and end markers included), which is
+        not given to the encoder but tells the padding apart.
+    """
+    batch = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                      return_tensors="pt")
+    return TokenizedPrompts(batch.input_ids, batch.attention_mask)
+
+
 def subject_token_positions(tokenizer: PreTrainedTokenizerBase, prompts: list[str], subject: str) -> list[int]:
     """Index of the last token of the first occurrence of `subject` in each prompt (case-insensitive).
 

@@ -10,6 +10,7 @@ from diffusers_emcid.evaluation import (
     concept_labels,
     concept_probability,
     draw_images,
+    draw_prompt_images,
     evaluate_edits,
     load_evaluation_prompts,
 )
@@ -94,14 +95,26 @@ def test_evaluate_edits_compares_the_same_seeds_before_and_after_and_restores_th
     assert grid.height == 2 * 3 * 16 and grid.width > 3 * 16
 
 
+def test_images_drawn_together_equal_images_drawn_one_prompt_at_a_time(pipe):
+    import numpy as np
+
+    together = draw_prompt_images(pipe, [("a photo of dog", 3), ("a red car", 10)], 3, images_per_call=4, **SAMPLING)
+    alone = [draw_images(pipe, "a photo of dog", 3, 3, **SAMPLING), draw_images(pipe, "a red car", 10, 3, **SAMPLING)]
+    assert [len(images) for images in together] == [3, 3]
+    for batch, single in zip(together, alone):
+        for a, b in zip(batch, single):  # 8-bit pixels: batched kernels may round a value to its neighbour
+            assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 1
+    assert np.abs(np.asarray(together[0][0], dtype=int) - np.asarray(together[0][1], dtype=int)).max() > 1
+
+
 def test_evaluate_edits_checks_concepts_first_and_removes_the_edits_when_drawing_fails(editor, pipe, monkeypatch):
     import diffusers_emcid.evaluation.metrics as metrics_module
 
     edits = editor.edit([("dog", "cat")])
     state = model_state(pipe)
     draws = []
-    real_draw = metrics_module.draw_images
-    monkeypatch.setattr(metrics_module, "draw_images", lambda *a, **k: draws.append(1) or real_draw(*a, **k))
+    real_draw = metrics_module.draw_prompt_images
+    monkeypatch.setattr(metrics_module, "draw_prompt_images", lambda *a, **k: draws.append(1) or real_draw(*a, **k))
     with pytest.raises(ValueError, match="no label for 'purple'"):
         evaluate_edits(pipe, edits, BrightnessJudge(), [EvaluationPrompt("dog", "efficacy", "purple", "bright")],
                        num_images=1, progress=False, **SAMPLING)
@@ -113,7 +126,7 @@ def test_evaluate_edits_checks_concepts_first_and_removes_the_edits_when_drawing
         draws.append(1)
         return real_draw(*args, **kwargs)
 
-    monkeypatch.setattr(metrics_module, "draw_images", failing_after_the_first)
+    monkeypatch.setattr(metrics_module, "draw_prompt_images", failing_after_the_first)
     with pytest.raises(RuntimeError, match="out of memory"):
         evaluate_edits(pipe, edits, BrightnessJudge(), [EvaluationPrompt("dog", "efficacy", "dark", "bright")],
                        num_images=1, progress=False, **SAMPLING)

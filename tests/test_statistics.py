@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -27,17 +28,74 @@ def direct_second_moment(pipe, layout, layer, captions, include_padding_to=None)
     return total / count
 
 
-def test_statistics_equal_a_direct_computation_without_padding(pipe, fast_config, tmp_path):
+def test_paper_positions_equal_a_direct_computation_without_padding(pipe, fast_config, tmp_path):
     editor = EMCIDEditor(pipe, fast_config, cache_dir=tmp_path, progress=False)
+    editor.config.statistics_positions = "paper"
     editor.config.statistics_batch_size = 5  # batches mix caption lengths, so padding is present
     covariances = editor.compute_statistics(CAPTIONS)["text_encoder"]
     assert sorted(covariances) == editor.layers
     for layer in (0, editor.layers[-1]):
         expected = direct_second_moment(pipe, editor.layout, layer, CAPTIONS)
         assert covariances[layer].dtype == torch.float32
-        torch.testing.assert_close(covariances[layer].double(), expected, rtol=1e-4, atol=1e-6)
+        assert float((covariances[layer].double() - expected).norm() / expected.norm()) < 1e-6
         with_padding = direct_second_moment(pipe, editor.layout, layer, CAPTIONS, include_padding_to=20)
         assert not torch.allclose(covariances[layer].double(), with_padding, rtol=1e-3)
+
+
+def direct_pipeline_second_moment(pipe, layout, layer, captions, padding_weight, empty_prompt=True):
+    """Mean k k^T over the real tokens plus `padding_weight` times the mean over the padding positions, of the captions
+    and the empty prompt, each encoded alone as the pipeline encodes a prompt, in float64."""
+    real, padding = [], []
+    for caption in [""] * empty_prompt + list(captions):
+        tokens = pipe.tokenizer(caption, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                                return_tensors="pt")
+        store = {}
+        handle = layout.fc2(layer).register_forward_hook(lambda m, args, out: store.update(k=args[0][0].double()))
+        try:
+            with torch.no_grad():
+                pipe.text_encoder(tokens.input_ids)
+        finally:
+            handle.remove()
+        mask = tokens.attention_mask[0].bool()
+        real.append(store["k"][mask])
+        padding.append(store["k"][~mask])
+    real, padding = torch.cat(real), torch.cat(padding)
+    return real.T @ real / len(real) + padding_weight * padding.T @ padding / len(padding)
+
+
+@pytest.mark.parametrize("padding_weight", [1.0, 0.25])
+def test_pipeline_positions_cover_the_padding_and_the_empty_prompt(pipe, fast_config, tmp_path, padding_weight):
+    editor = EMCIDEditor(pipe, fast_config, cache_dir=tmp_path, progress=False)
+    assert editor.config.statistics_positions == "pipeline", "the default"
+    editor.config.statistics_padding_weight = padding_weight
+    editor.config.statistics_batch_size = 5
+    covariances = editor.compute_statistics(CAPTIONS)["text_encoder"]
+    for layer in (0, editor.layers[-1]):
+        expected = direct_pipeline_second_moment(pipe, editor.layout, layer, CAPTIONS, padding_weight)
+        assert float((covariances[layer].double() - expected).norm() / expected.norm()) < 1e-6
+        without_empty = direct_pipeline_second_moment(pipe, editor.layout, layer, CAPTIONS, padding_weight,
+                                                       empty_prompt=False)
+        assert float((covariances[layer].double() - without_empty).norm() / expected.norm()) > 1e-3
+
+
+def test_the_positions_are_part_of_the_statistics_cache_key(pipe, fast_config, tmp_path):
+    editor = EMCIDEditor(pipe, dataclasses.replace(fast_config, statistics_positions="paper"), cache_dir=tmp_path,
+                         progress=False)
+    paper = editor.compute_statistics(CAPTIONS)["text_encoder"]
+    calls, handle = count_text_encoder_calls(pipe)
+    try:
+        fresh = EMCIDEditor(pipe, fast_config, cache_dir=tmp_path, progress=False)
+        with pytest.raises(ValueError, match="No key statistics"):  # the paper statistics do not serve "pipeline"
+            fresh.edit([("dog", "cat")])
+        pipeline = fresh.compute_statistics(CAPTIONS)["text_encoder"]
+        assert calls, "the paper statistics were reused for pipeline positions"
+        calls.clear()
+        fresh.config.statistics_padding_weight = 2.0
+        fresh.compute_statistics(CAPTIONS)
+        assert calls, "statistics of another padding weight were reused"
+    finally:
+        handle.remove()
+    assert not torch.allclose(paper[0], pipeline[0])
 
 
 def count_text_encoder_calls(pipe):

@@ -1,7 +1,7 @@
 """Measuring edits: judges (image classifiers) and the ICEB-style before/after metrics of the paper."""
 
 from .judges import ImageClassifierJudge, Judge, concept_labels, concept_probability
-from .metrics import GROUPS, EditEvaluation, EvaluationPrompt, draw_images, evaluate_edits, load_evaluation_prompts, summarize
+from .metrics import GROUPS, EditEvaluation, EvaluationPrompt, draw_images, draw_prompt_images, evaluate_edits, load_evaluation_prompts, summarize
 
 __all__ = [
     "GROUPS",
@@ -12,6 +12,7 @@ __all__ = [
     "concept_labels",
     "concept_probability",
     "draw_images",
+    "draw_prompt_images",
     "evaluate_edits",
     "load_evaluation_prompts",
     "summarize",

@@ -138,8 +138,38 @@ def load_evaluation_prompts(path: str | os.PathLike) -> list[EvaluationPrompt]:
 
 def draw_images(pipe: DiffusionPipeline, prompt: str, seed: int, num_images: int, **sampling: object) -> list[Image.Image]:
     """`num_images` images of `prompt`, image i drawn with `torch.Generator().manual_seed(seed + i)`."""
-    generators = [torch.Generator().manual_seed(seed + i) for i in range(num_images)]
-    return pipe(prompt, num_images_per_prompt=num_images, generator=generators, output_type="pil", **sampling).images
+    return draw_prompt_images(pipe, [(prompt, seed)], num_images, images_per_call=num_images, **sampling)[0]
+
+
+@torch.inference_mode()
+def draw_prompt_images(
+    pipe: DiffusionPipeline,
+    prompts: Sequence[tuple[str, int]],
+    num_images: int,
+    images_per_call: int = 8,
+    progress: tqdm | None = None,
+    **sampling: object,
+) -> list[list[Image.Image]]:
+    """`num_images` images of each `(prompt, seed)`, image i drawn with `torch.Generator().manual_seed(seed + i)`.
+
+    The images of all prompts are drawn together, `images_per_call` to a pipeline call; each image's latents come
+    from its own generator, so an image does not depend on the others in its call.
+
+    Args:
+        progress: a progress bar advanced by the number of images drawn.
+
+    Returns:
+        Per prompt, its `num_images` images.
+    """
+    jobs = [(prompt, seed + i) for prompt, seed in prompts for i in range(num_images)]
+    images: list[Image.Image] = []
+    for start in range(0, len(jobs), images_per_call):
+        chunk = jobs[start : start + images_per_call]
+        generators = [torch.Generator().manual_seed(seed) for _, seed in chunk]
+        images += pipe([prompt for prompt, _ in chunk], generator=generators, output_type="pil", **sampling).images
+        if progress is not None:
+            progress.update(len(chunk))
+    return [images[index : index + num_images] for index in range(0, len(images), num_images)]
 
 
 def evaluate_edits(
@@ -148,6 +178,7 @@ def evaluate_edits(
     judge: Judge,
     prompts: Sequence[EvaluationPrompt],
     num_images: int = 8,
+    images_per_call: int = 8,
     adapter_name: str = "emcid-evaluation",
     keep_images: bool = True,
     progress: bool = True,
@@ -164,6 +195,8 @@ def evaluate_edits(
         judge: a `Judge`, e.g. `ImageClassifierJudge.from_pretrained(...)`.
         prompts: the evaluation prompts.
         num_images: images per prompt (before and after each).
+        images_per_call: images drawn in one pipeline call (all prompts of a phase are drawn together); lower it
+            if a call runs out of memory.
         keep_images: keep the images in the result (for `image_grid`).
         sampling: keyword arguments of the pipeline call (steps, guidance, size).
     """
@@ -175,19 +208,21 @@ def evaluate_edits(
         for concept in (item.source, item.destination):
             if concept is not None:
                 concept_labels(judge.labels, concept)
-    drawn: list[list[list[Image.Image]]] = [[] for _ in prompts]  # per prompt: [before, after]
-    bar = tqdm(total=2 * len(prompts), desc="EMCID evaluation", unit="prompt", disable=not progress)
+    if images_per_call < 1:
+        raise ValueError(f"images_per_call={images_per_call} must be at least 1.")
+    phases: list[list[list[Image.Image]]] = []  # per phase (before, after): per prompt, its images
+    bar = tqdm(total=2 * len(prompts) * num_images, desc="EMCID evaluation", unit="image", disable=not progress)
     for state in ("before", "after"):
         if state == "after":
             edits.apply(pipe, name=adapter_name)
         try:
-            for index, item in enumerate(prompts):
-                drawn[index].append(draw_images(pipe, item.prompt, item.seed, num_images, **sampling))
-                bar.update()
+            phases.append(draw_prompt_images(pipe, [(item.prompt, item.seed) for item in prompts], num_images,
+                                             images_per_call, progress=bar, **sampling))
         finally:
             if state == "after":
                 edits.remove(pipe, name=adapter_name)
     bar.close()
+    drawn = list(zip(*phases))  # per prompt: (before, after)
     rows = []
     for item, images in zip(prompts, drawn):
         row: dict[str, object] = asdict(item)

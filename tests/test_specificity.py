@@ -1,0 +1,71 @@
+"""What the UNet reads and the edit did not target stays put: the empty prompt; ill-conditioned statistics are refused."""
+
+import pytest
+import torch
+
+from diffusers_emcid import ConceptEdit, EMCIDConfig, EMCIDEditor, EMCIDNumericalError
+from diffusers_emcid.encoders import pipeline_family
+from diffusers_emcid.testing import random_captions, tiny_sd2_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline
+
+FAMILIES = [tiny_sd_pipeline, tiny_sd2_pipeline, tiny_sdxl_pipeline]
+EMPTY_PROMPT_TOLERANCE = 0.01
+"""The empty prompt (classifier-free guidance's unconditional branch) may change by at most 1% of its norm."""
+
+
+def conditioning(pipe, prompts):
+    """The 77-position conditioning the pipeline's own `encode_prompt` gives its UNet, (B, 77, D)."""
+    with torch.no_grad():
+        if pipeline_family(pipe) == "sdxl":
+            return pipe.encode_prompt(prompts, device=pipe.device, do_classifier_free_guidance=False)[0]
+        return pipe.encode_prompt(prompts, pipe.device, 1, False)[0]
+
+
+def relative_change(pipe, edits, prompts):
+    before = conditioning(pipe, prompts)
+    edits.apply(pipe)
+    try:
+        after = conditioning(pipe, prompts)
+    finally:
+        edits.remove(pipe)
+    return [float((a - b).norm() / b.norm()) for a, b in zip(after, before)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("make_pipe", FAMILIES)
+def test_an_edit_with_default_settings_leaves_the_empty_prompt_in_place(make_pipe, tmp_path):
+    pipe = make_pipe(seed=0)
+    changes = {}
+    for positions in ("pipeline", "paper"):
+        editor = EMCIDEditor(pipe, cache_dir=tmp_path, progress=False)  # the family's default preset
+        editor.config.statistics_positions = positions
+        editor.compute_statistics(random_captions())
+        edits = editor.edit([ConceptEdit("dog", "cat", seed=0)])
+        changes[positions] = relative_change(pipe, edits, ["", "An image of dog"])
+    (empty, edited) = changes["pipeline"]
+    assert empty <= EMPTY_PROMPT_TOLERANCE, changes
+    assert edited > 2 * empty, "the edit changed nothing the test can see"
+    assert changes["paper"][0] > empty, "statistics without the padding hold the empty prompt as well: the test is void"
+
+
+def test_numerically_singular_statistics_are_refused_before_stage_1(tmp_path):
+    pipe = tiny_sd2_pipeline(seed=0)  # keys of 128 dimensions
+    calls = []
+    handle = pipe.unet.register_forward_pre_hook(lambda *args: calls.append(1))
+    try:
+        for positions in ("paper", "pipeline"):
+            editor = EMCIDEditor(pipe, EMCIDConfig(statistics_positions=positions), cache_dir=tmp_path, progress=False)
+            # 300 copies of one caption: 1,800 (paper) or 23,177 (pipeline) positions, but at most 6 or 79 distinct keys
+            editor.compute_statistics(["a photo of a dog"] * 300)
+            with pytest.raises(EMCIDNumericalError, match=r"text_encoder layer 0 are numerically singular.*more, and "
+                                                          r"more varied, captions"):
+                editor.edit([("dog", "cat")])
+    finally:
+        handle.remove()
+    assert not calls, "the UNet ran before the statistics were refused"
+
+
+def test_varied_captions_pass_the_conditioning_check(tmp_path):
+    pipe = tiny_sd2_pipeline(seed=0)
+    editor = EMCIDEditor(pipe, EMCIDConfig(num_steps=1, image_num_inference_steps=1), cache_dir=tmp_path, progress=False)
+    editor.compute_statistics(random_captions())
+    assert len(editor.edit([("dog", "cat")])) == 1
