@@ -48,16 +48,14 @@ def load_shapes_judge(device: str | torch.device = "cpu") -> ImageClassifierJudg
 
 
 def statistics_captions(templates: tuple[str, ...] = TRAIN_TEMPLATES) -> list[str]:
-    """Every caption of `templates` and the empty prompt, each followed by end-of-text markers up to the tokenizer's
-    length (77 tokens).
+    """The captions to compute the model's key statistics on: every caption of `templates` (216 for the
+    training templates).
 
-    `EMCIDEditor.compute_statistics` skips padding, but the pipeline pads every prompt to 77 tokens with the
-    end-of-text token and the UNet reads the concept there; spelled out as text, the markers tokenise to
-    exactly the pipeline's ids and are counted in the key statistics. The empty prompt is the unconditional
-    branch of classifier-free guidance; without it, its end-of-text positions 1 and 2 are missing from the
-    statistics and an edit changes it, and with it every prompt's image.
+    The model's UNet reads its concepts from the end-of-text and padding positions, so the statistics must cover
+    them, and the empty prompt of classifier-free guidance: the default `statistics_positions="pipeline"` does
+    both (see `EMCIDConfig`).
     """
-    return [(text + " <|endoftext|>" * 76).strip() for text in ["", *all_captions(templates)]]
+    return all_captions(templates)
 
 
 @torch.no_grad()
