@@ -3,7 +3,9 @@
     python benchmarks/bench_statistics_positions.py [--families sd1 sd2 sdxl] [--shapes] [--num-images 12]
                                                     [--padding-weights 0.1 1 10]
 
-For each statistics setting (`statistics_positions="paper"`, and `"pipeline"` with each padding weight):
+For each statistics setting (`statistics_positions="paper"`, and `"pipeline"` with each padding weight), and for
+the default statistics with stage 1 conditioning the UNet on the pipeline's 77 positions (`stage1_padding=
+"pipeline"`) instead of the prompts padded to the longest:
 
 * **tiny pipelines** (`diffusers_emcid.testing`, random weights, SD 1.x / 2.x / SD-XL), one edit `("dog", "cat")`
   with each family's default preset (lambda scaled to the key width, as 4000 is for CLIP-L's 3072) on 600 random
@@ -59,9 +61,11 @@ def drift(pipe: Any, edits: Any, prompts: list[str]) -> list[float]:
 
 
 def settings(padding_weights: list[float]) -> list[tuple[str, dict[str, Any]]]:
+    """The statistics settings measured, then the default statistics with stage 1 conditioned on 77 positions."""
     rows = [("paper", {"statistics_positions": "paper"})]
     rows += [(f"pipeline, padding weight {w:g}", {"statistics_positions": "pipeline", "statistics_padding_weight": w})
              for w in padding_weights]
+    rows.append(("pipeline, padding weight 1, stage-1 padding 'pipeline'", {"stage1_padding": "pipeline"}))
     return rows
 
 

@@ -10,6 +10,7 @@ import diffusers
 
 ResidualMode = Literal["paper", "memit"]
 Stage1Mode = Literal["fast", "reference"]
+Stage1Padding = Literal["longest", "pipeline"]
 StatisticsPositions = Literal["paper", "pipeline"]
 STATISTICS_POSITIONS: tuple[str, ...] = ("paper", "pipeline")
 """Which caption positions the key statistics cover; see `key_statistics`."""
@@ -93,6 +94,9 @@ class EMCIDConfig:
             the pipeline's scheduler config, e.g. `"DPMSolverMultistepScheduler"` for fewer steps); `None` keeps
             the pipeline's own (SD 1.4: PNDM, which the paper used with 50 steps).
         image_resolution: side of the training images in pixels; `None` uses the pipeline's default.
+        stage1_padding: how the UNet is conditioned in stage 1: `"longest"` (the paper's) pads each concept's
+            prompts to the longest of them and masks the padding in the text encoder; `"pipeline"` pads every prompt
+            to the tokenizer's length (77) without a mask, as the pipeline does at inference.
 
         early_stopping_window: stop a concept's stage 1 early when the mean loss of its last
             `early_stopping_window` steps is not below the mean of the window before by at least
@@ -118,6 +122,9 @@ class EMCIDConfig:
             the real tokens only, as the authors' statistics (see `key_statistics`).
         statistics_padding_weight: with `"pipeline"` positions, the weight of the padding positions' mean key
             second moment against the real tokens' (1: padding and real tokens carry equal shares of C).
+        statistics_regularization: r >= 0; stage 2 uses `C + r * mean_eigenvalue(C) * I`, a ridge for key directions
+            no caption covers. 0 (the paper's setting) uses C as it is, and numerically singular statistics are
+            refused; a model with few distinct keys by design (the shipped shapes model) needs a small r.
 
     Runtime:
         stage1_mode: `"fast"` optimises `concept_batch_size` concepts together and runs only the text-encoder
@@ -146,6 +153,7 @@ class EMCIDConfig:
     image_guidance_scale: float = 7.5
     image_scheduler: str | None = None
     image_resolution: int | None = None
+    stage1_padding: Stage1Padding = "longest"
     early_stopping_window: int | None = None
     early_stopping_min_improvement: float = 0.01
     preservation_weight: float = 4000.0
@@ -158,6 +166,7 @@ class EMCIDConfig:
     statistics_batch_size: int = 100
     statistics_positions: StatisticsPositions = "pipeline"
     statistics_padding_weight: float = 1.0
+    statistics_regularization: float = 0.0
     stage1_mode: Stage1Mode = "fast"
     concept_batch_size: int = 8
     stage2_batch_size: int = 256
@@ -179,7 +188,8 @@ class EMCIDConfig:
         for name in ("learning_rate", "clamp_norm_factor", "preservation_weight"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"EMCIDConfig.{name}={getattr(self, name)!r} must be > 0.")
-        for name in ("weight_decay", "text_alignment_weight", "image_guidance_scale", "statistics_padding_weight"):
+        for name in ("weight_decay", "text_alignment_weight", "image_guidance_scale", "statistics_padding_weight",
+                     "statistics_regularization"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"EMCIDConfig.{name}={getattr(self, name)!r} must be >= 0.")
         if self.preservation_weight_2 is not None and not self.preservation_weight_2 > 0:
@@ -209,6 +219,8 @@ class EMCIDConfig:
             raise ValueError(
                 f"EMCIDConfig.statistics_positions={self.statistics_positions!r} must be one of {list(STATISTICS_POSITIONS)}."
             )
+        if self.stage1_padding not in ("longest", "pipeline"):
+            raise ValueError(f"EMCIDConfig.stage1_padding={self.stage1_padding!r} must be 'longest' or 'pipeline'.")
         if self.stage1_mode not in ("fast", "reference"):
             raise ValueError(f"EMCIDConfig.stage1_mode={self.stage1_mode!r} must be 'fast' or 'reference'.")
         if self.residual not in ("paper", "memit"):
@@ -248,6 +260,8 @@ class EMCIDConfig:
             "dtype": self.dtype,
             "early_stopping": None if self.early_stopping_window is None
             else (self.early_stopping_window, self.early_stopping_min_improvement),
+            # named only when not the default, so that the keys of vectors cached before the option stay valid
+            **({"padding": self.stage1_padding} if self.stage1_padding != "longest" else {}),
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -263,6 +277,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     # lambda = 4000, alpha = 0.6 as in the AICE runs): layers 0-10 of CLIP-L, z layer 10.
     "sd1-paper": dict(layers="0:-1", num_steps=200, learning_rate=0.2, weight_decay=5e-4, clamp_norm_factor=1.5,
                       text_alignment_weight=0.01, preservation_weight=4000.0, edit_weight=0.6),
+    # Debiasing (the authors' debias script): the default hparams with alpha = 0.5, used both while tuning the blend
+    # factors and in the final joint solve.
+    "sd1-debias": dict(layers="0:-1", num_steps=200, learning_rate=0.2, weight_decay=5e-4, clamp_norm_factor=1.5,
+                       text_alignment_weight=0.01, preservation_weight=4000.0, edit_weight=0.5),
+    # Rectification with real images (`dest_s-300_..._true_noise_loss`, the hparams file the authors ship for it):
+    # 300 steps, 3 images per template, no text-alignment term (`cal_text_repr_loss: false`), alpha = 0.5.
+    "sd1-rectify": dict(layers="0:-1", num_steps=300, learning_rate=0.2, weight_decay=5e-4, clamp_norm_factor=1.5,
+                        text_alignment_weight=0.0, samples_per_prompt=3, preservation_weight=4000.0, edit_weight=0.5),
     # Artist-style erasure (`..._ly-7-11_...`): layers 7-10 of CLIP-L, 100 steps, alpha = 0.5.
     "sd1-artists": dict(layers="-5:-1", num_steps=100, learning_rate=0.2, weight_decay=5e-4, clamp_norm_factor=1.5,
                         text_alignment_weight=0.01, preservation_weight=4000.0, edit_weight=0.5),
@@ -274,12 +296,17 @@ PRESETS: dict[str, dict[str, Any]] = {
                        preservation_weight_2=10000.0, edit_weight=0.5),
     # The shipped shapes model (`diffusers_emcid.shapes`): its first two layers have no attention output, so a word's
     # states there are context-free and an edit of their fc2 reaches every later position; few captions exist, so
-    # lambda is small, and the MEMIT residual suits an edit before any attention.
+    # lambda is small, and the MEMIT residual suits an edit before any attention. Its context-free layers have few
+    # distinct keys (one per token and position: C of layer 0 is singular, 69 of 256 eigenvalues at float32 noise,
+    # down to -6e-6 of the mean), so a ridge of 1e-4 of the mean eigenvalue, well above that noise, covers the rest.
     "shapes-demo": dict(layers=(0, 1), num_steps=30, learning_rate=0.2, weight_decay=5e-4, clamp_norm_factor=1.5,
                         text_alignment_weight=0.01, samples_per_prompt=2, image_num_inference_steps=20,
                         image_guidance_scale=4.0, preservation_weight=10.0, edit_weight=0.6, residual="memit",
-                        statistics_num_samples=1000, statistics_batch_size=256),
+                        statistics_num_samples=1000, statistics_batch_size=256, statistics_regularization=1e-4),
 }
 
 DEFAULT_PRESETS = {"sd": "sd1-paper", "sdxl": "sdxl-paper"}
 """The preset `EMCIDEditor` uses for each pipeline family when no config is given."""
+KIND_PRESETS: dict[str, dict[str, str]] = {"sd": {"debias": "sd1-debias", "rectify": "sd1-rectify"}, "sdxl": {}}
+"""The presets `EMCIDEditor.debias` and `.rectify` use for each family when the editor was built without a config (and
+its config was not changed since): the settings of the paper's runs of that kind."""

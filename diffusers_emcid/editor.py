@@ -17,7 +17,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from tqdm.auto import tqdm
 
 from .cache import ModuleFingerprints, TensorCache, digest
-from .config import DEFAULT_PRESETS, EMCIDConfig
+from .config import DEFAULT_PRESETS, KIND_PRESETS, EMCIDConfig
 from .edits import ConceptEdits, base_weights_fingerprint
 from .encoders import EditedEncoder, TextEncoderLayout, find_edited_encoders, module_device, pipeline_family
 from .errors import EMCIDNumericalError
@@ -64,7 +64,9 @@ class EMCIDEditor:
     Args:
         pipe: a Stable Diffusion 1.x/2.x pipeline (one CLIP text encoder) or an SD-XL pipeline (two), text-to-image,
             image-to-image or inpainting.
-        config: the hyperparameters; defaults to the `"sd1-paper"` preset, or `"sdxl-paper"` for SD-XL.
+        config: the hyperparameters; defaults to the `"sd1-paper"` preset, or `"sdxl-paper"` for SD-XL. Without it,
+            `debias` and `rectify` run with the presets of the paper's runs of those kinds (`KIND_PRESETS`:
+            `"sd1-debias"`, `"sd1-rectify"`) as long as the config is left unchanged.
         cache_dir: where stage-1 vectors and key statistics are cached; defaults to `$EMCID_CACHE` or
             `emcid/` under the Hugging Face cache home.
         progress: show progress bars.
@@ -98,6 +100,7 @@ class EMCIDEditor:
             )
         self.pipe = pipe
         self.config = config if config is not None else EMCIDConfig.from_preset(DEFAULT_PRESETS[pipeline_family(pipe)])
+        self._default_config = None if config is not None else dataclasses.replace(self.config)
         self.encoders: list[EditedEncoder] = find_edited_encoders(pipe, self.config)
         self.cache = TensorCache(cache_dir)
         self.progress = progress
@@ -155,6 +158,22 @@ class EMCIDEditor:
         if positions == "pipeline":
             positions += f"{self.config.statistics_padding_weight:g}"
         return f"{model_fingerprint[:32]}-layer{layer}-{positions}-"
+
+    @contextlib.contextmanager
+    def _kind_settings(self, kind: str) -> Iterator[None]:
+        """Runs with the preset of the paper's runs of `kind` (`KIND_PRESETS`) when the editor was built without a
+        config and its config is unchanged; with the editor's own config otherwise."""
+        name = KIND_PRESETS[pipeline_family(self.pipe)].get(kind)
+        if name is None or self._default_config is None or self.config != self._default_config:
+            yield
+            return
+        previous = self.config, self.encoders
+        self.config = EMCIDConfig.from_preset(name)
+        self.encoders = find_edited_encoders(self.pipe, self.config)
+        try:
+            yield
+        finally:
+            self.config, self.encoders = previous
 
     # ---------------------------------------------------------------- statistics
 
@@ -245,15 +264,11 @@ class EMCIDEditor:
         return True
 
     def _checked_statistics(self) -> dict[str, KeyStatistics]:
-        """The statistics of every edited encoder, refused if rank-deficient or numerically singular (checked once
-        per statistics object)."""
+        """The statistics of every edited encoder, refused if rank-deficient or numerically singular."""
         statistics = {e.component: self._statistics_for(e, self._encoder_fingerprint(e)) for e in self.encoders}
         for encoder in self.encoders:
-            checked = statistics[encoder.component]
-            checked.check_rank(encoder.layout.intermediate_size)
-            if not checked.well_conditioned:
-                checked.check_conditioning(encoder.component)
-                checked.well_conditioned = True
+            statistics[encoder.component].check_rank(encoder.layout.intermediate_size)
+            statistics[encoder.component].check_conditioning(encoder.component, self.config.statistics_regularization)
         return statistics
 
     # ---------------------------------------------------------------- editing
@@ -413,7 +428,8 @@ class EMCIDEditor:
         for encoder in self.encoders:
             deltas[encoder.component] = compute_stage2_deltas(
                 encoder.layout, encoder.tokenizer, requests, vectors[encoder.component], encoder.layers, encoder.z_layer,
-                statistics[encoder.component].covariances, self.config.edit_weight, encoder.preservation_weight,
+                statistics[encoder.component].regularized(self.config.statistics_regularization),
+                self.config.edit_weight, encoder.preservation_weight,
                 self.config.residual, self.config.stage2_batch_size, self.progress,
             )
         return ConceptEdits(
@@ -472,7 +488,8 @@ class EMCIDEditor:
             if text_alignment is not None:
                 changes["text_alignment"] = text_alignment
             rectified.append(dataclasses.replace(request, **changes))
-        return self.edit(rectified)
+        with self._kind_settings("rectify"):
+            return self.edit(rectified)
 
     def debias(
         self,
@@ -522,7 +539,7 @@ class EMCIDEditor:
         as_concept_edits([group[3][0] for group in groups])  # one entry per profession
         every_request = [request for group in groups for request in group[3]]
         self._check_requests(every_request)
-        with self._base_model() as device:
+        with self._kind_settings("debias"), self._base_model() as device:
             fingerprints = self._model_fingerprints()
             statistics = self._checked_statistics()
             results = self._stage1(every_request, fingerprints, device)

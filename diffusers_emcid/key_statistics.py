@@ -50,13 +50,23 @@ class KeyStatistics:
         covariances: {layer: C (d_ff, d_ff) float32}.
         num_tokens: the number of tokens averaged over; C has rank at most this.
         model_fingerprint: the fingerprint of the text encoder they were computed on.
-        well_conditioned: whether `check_conditioning` has passed on them.
+        checked_regularization: the regularization with which `check_conditioning` last passed, if it did.
     """
 
     covariances: dict[int, torch.Tensor]
     num_tokens: int
     model_fingerprint: str
-    well_conditioned: bool = field(default=False, compare=False)
+    checked_regularization: float | None = field(default=None, compare=False)
+
+    def regularized(self, regularization: float) -> dict[int, torch.Tensor]:
+        """Per layer, `C + regularization * mean_eigenvalue(C) * I` (C itself for 0): a ridge that gives the key
+        directions no caption covers a small preservation weight. (d_ff, d_ff) float32 each."""
+        if not regularization:
+            return self.covariances
+        return {
+            layer: covariance + regularization * covariance.diagonal().mean() * torch.eye(len(covariance))
+            for layer, covariance in self.covariances.items()
+        }
 
     def rank_deficiency(self, intermediate_size: int) -> str | None:
         """A message if C cannot have full rank (fewer tokens than key dimensions), else `None`."""
@@ -74,12 +84,16 @@ class KeyStatistics:
         if message:
             raise EMCIDNumericalError(message)
 
-    def check_conditioning(self, component: str = "text_encoder") -> None:
-        """Raises `EMCIDNumericalError` naming the first layer whose C is numerically singular: an eigenvalue below
-        `MIN_EIGENVALUE_FRACTION` of the mean eigenvalue, or negative. A float64 Cholesky factorisation decides; the
-        eigenvalues are computed only to report a failure."""
-        for layer in sorted(self.covariances):
-            covariance = self.covariances[layer].double()
+    def check_conditioning(self, component: str = "text_encoder", regularization: float = 0.0) -> None:
+        """Raises `EMCIDNumericalError` naming the first layer whose C (regularized, see `regularized`) is numerically
+        singular: an eigenvalue below `MIN_EIGENVALUE_FRACTION` of the mean eigenvalue, or negative. A float64
+        Cholesky factorisation decides; the eigenvalues are computed only to report a failure. Passing is
+        remembered in `checked_regularization`."""
+        if self.checked_regularization == regularization:
+            return
+        covariances = self.regularized(regularization)
+        for layer in sorted(covariances):
+            covariance = covariances[layer].double()
             floor = MIN_EIGENVALUE_FRACTION * float(covariance.diagonal().mean())
             shifted = covariance - floor * torch.eye(covariance.shape[0], dtype=covariance.dtype)
             if int(torch.linalg.cholesky_ex(shifted).info) == 0:
@@ -92,8 +106,11 @@ class KeyStatistics:
                 f"limit is {MIN_EIGENVALUE_FRACTION:g}), and {int((eigenvalues < floor).sum())} of "
                 f"{len(eigenvalues)} eigenvalues lie below it. Stage 2 would write unbounded updates along those "
                 f"directions. Compute the statistics on more, and more varied, captions (they come from "
-                f"{self.num_tokens} positions; the paper used 100,000 captions)."
+                f"{self.num_tokens} positions; the paper used 100,000 captions), or, where few distinct keys exist "
+                f"by design, set EMCIDConfig.statistics_regularization (now {regularization:g}) to a small ridge "
+                f"such as 1e-4."
             )
+        self.checked_regularization = regularization
 
 
 def load_captions(captions: CaptionSource, column: str | None = None, split: str = "train") -> list[str]:

@@ -53,12 +53,12 @@ from diffusers import (
 )
 
 from .cache import digest
-from .config import EMCIDConfig
+from .config import EMCIDConfig, Stage1Padding
 from .encoders import EditedEncoder
 from .errors import EMCIDNumericalError
 from .hooks import captured_outputs, layers_skipped_to, residual_addition, run_until_stopped
 from .requests import ConceptEdit, load_image
-from .tokens import TokenizedPrompts, subject_token_positions, tokenize
+from .tokens import TokenizedPrompts, subject_token_positions, tokenize, tokenize_as_pipeline
 
 
 @dataclass
@@ -281,9 +281,19 @@ def _unet_inputs(
     return {"encoder_hidden_states": conditioning.hidden, "added_cond_kwargs": added, "encoder_attention_mask": mask}
 
 
-def _tokenize_alike(encoders: list[EditedEncoder], prompts: list[str]) -> list[TokenizedPrompts]:
-    """Each encoder's tokens of `prompts`, padded to one common length (their hidden states are concatenated)."""
-    batches = [tokenize(encoder.tokenizer, prompts) for encoder in encoders]
+def _tokenize_alike(
+    encoders: list[EditedEncoder], prompts: list[str], padding: Stage1Padding = "longest"
+) -> list[TokenizedPrompts]:
+    """Each encoder's tokens of `prompts`, padded to one common length (their hidden states are concatenated).
+
+    With `padding="pipeline"` every prompt is padded to the tokenizer's maximum length and the attention mask
+    covers every position, as the pipeline encodes prompts; with `"longest"` the prompts are padded to the longest
+    and the padding is masked."""
+    if padding == "pipeline":
+        batches = [tokenize_as_pipeline(encoder.tokenizer, prompts) for encoder in encoders]
+        batches = [TokenizedPrompts(b.input_ids, torch.ones_like(b.attention_mask)) for b in batches]
+    else:
+        batches = [tokenize(encoder.tokenizer, prompts) for encoder in encoders]
     length = max(batch.input_ids.shape[1] for batch in batches)
     padded = []
     for encoder, batch in zip(encoders, batches):
@@ -328,8 +338,10 @@ class _ConceptRun:
         self.latent_mean = latent_dist.mean.to(self.dtype).unflatten(0, (num_prompts, num_samples))
         self.latent_std = latent_dist.std.to(self.dtype).unflatten(0, (num_prompts, num_samples))
 
-        self.source = [b.to(device) for b in _tokenize_alike(encoders, request.source_prompts)]
-        self.destination = [b.to(device) for b in _tokenize_alike(encoders, request.destination_prompts)]
+        self.source = [b.to(device) for b in _tokenize_alike(encoders, request.source_prompts, config.stage1_padding)]
+        self.destination = [
+            b.to(device) for b in _tokenize_alike(encoders, request.destination_prompts, config.stage1_padding)
+        ]
         self.positions = [
             torch.tensor(subject_token_positions(e.tokenizer, request.source_prompts, request.source), device=device)
             for e in encoders

@@ -82,8 +82,13 @@ def subject_token_positions(tokenizer: PreTrainedTokenizerBase, prompts: list[st
     """Index of the last token of the first occurrence of `subject` in each prompt (case-insensitive).
 
     Raises:
-        ValueError: if a prompt does not contain `subject`, or its subject lies past the length limit.
+        ValueError: if `subject` is blank, a prompt does not contain it, or its subject lies past the length limit.
     """
+    if not subject.strip():
+        raise ValueError(
+            f"The subject {subject!r} is blank, so it has no token to locate; a source must name a concept (blank "
+            "words such as '' or ' ' can only be destinations, e.g. to erase towards the unconditional prompt)."
+        )
     positions = []
     for prompt in prompts:
         match = _find_words(prompt, subject)

@@ -257,3 +257,45 @@ def test_unsupported_pipelines_name_the_supported_families(pipe):
 
     with pytest.raises(ValueError, match="Stable Diffusion 1.x/2.x and SD-XL"):
         EMCIDEditor(NotAPipeline())
+
+
+class StopAfterRecording(Exception):
+    pass
+
+
+def test_a_default_editor_runs_debias_and_rectify_with_the_settings_of_the_papers_runs(tmp_path, monkeypatch):
+    import diffusers_emcid.editor as editor_module
+    from diffusers_emcid.stage1 import Stage1Result
+    from diffusers_emcid.testing import random_captions, tiny_sd_pipeline
+
+    pipe = tiny_sd_pipeline(seed=0)
+    editor = EMCIDEditor(pipe, cache_dir=tmp_path, progress=False)
+    editor.compute_statistics(random_captions())
+    used = []
+
+    def record_stage1(pipe, encoders, requests, config, *args):
+        used.append(("stage 1", config.num_steps, config.text_alignment_weight, config.samples_per_prompt))
+        if config.num_steps == 300:
+            raise StopAfterRecording
+        return [Stage1Result({"text_encoder": torch.randn(32)}, {"text_encoder": torch.randn(32)}, torch.zeros(1))
+                for _ in requests]
+
+    def record_stage2(*args):
+        used.append(("stage 2", args[7]))  # alpha
+        raise StopAfterRecording
+
+    monkeypatch.setattr(editor_module, "optimize_concept_vectors", record_stage1)
+    monkeypatch.setattr(editor_module, "compute_stage2_deltas", record_stage2)
+    with pytest.raises(StopAfterRecording):
+        editor.rectify([ConceptEdit("dog", "real dog", images=[torch.rand(3, 16, 16)] * 3)])
+    assert used == [("stage 1", 300, 0.0, 3)]
+    with pytest.raises(StopAfterRecording):
+        editor.debias(["a doctor"], judge=lambda images, phrases: torch.full((len(images), len(phrases)), 0.5))
+    assert used[1:] == [("stage 1", 200, 0.01, 1), ("stage 2", 0.5)]
+    assert editor.config == EMCIDConfig.from_preset("sd1-paper"), "the kind's settings outlived the call"
+
+    used.clear()  # an explicit (or changed) config is the user's choice
+    editor.config.edit_weight = 0.7
+    with pytest.raises(StopAfterRecording):
+        editor.debias(["a nurse"], judge=lambda images, phrases: torch.full((len(images), len(phrases)), 0.5))
+    assert used[-1] == ("stage 2", 0.7)

@@ -77,6 +77,7 @@ def test_request_order_does_not_change_the_adapter(editor, tmp_path):
 
 
 def test_rank_deficient_statistics_are_refused_before_stage_1(pipe, fast_config, tmp_path, caplog):
+    fast_config.statistics_positions = "paper"  # 2 captions: 6 tokens (with the padding, 231 positions)
     editor = EMCIDEditor(pipe, fast_config, cache_dir=tmp_path, progress=False)
     with caplog.at_level(logging.WARNING):
         editor.compute_statistics(["a dog", "a cat"])

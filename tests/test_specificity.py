@@ -64,6 +64,19 @@ def test_numerically_singular_statistics_are_refused_before_stage_1(tmp_path):
     assert not calls, "the UNet ran before the statistics were refused"
 
 
+def test_an_explicit_ridge_makes_singular_statistics_usable(tmp_path):
+    pipe = tiny_sd2_pipeline(seed=0)
+    config = EMCIDConfig(statistics_regularization=1e-4, num_steps=1, image_num_inference_steps=1)
+    editor = EMCIDEditor(pipe, config, cache_dir=tmp_path, progress=False)
+    editor.compute_statistics(["a photo of a dog"] * 300)
+    (statistics,) = editor._checked_statistics().values()
+    covariance = statistics.covariances[0]
+    ridge = 1e-4 * covariance.diagonal().mean()
+    torch.testing.assert_close(statistics.regularized(1e-4)[0], covariance + ridge * torch.eye(len(covariance)))
+    assert statistics.regularized(0.0) is statistics.covariances
+    assert len(editor.edit([("dog", "cat")])) == 1
+
+
 def test_varied_captions_pass_the_conditioning_check(tmp_path):
     pipe = tiny_sd2_pipeline(seed=0)
     editor = EMCIDEditor(pipe, EMCIDConfig(num_steps=1, image_num_inference_steps=1), cache_dir=tmp_path, progress=False)

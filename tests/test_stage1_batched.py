@@ -121,3 +121,23 @@ def test_early_stopping_ends_plateaued_concepts_and_leaves_others_unchanged():
         torch.testing.assert_close(b.losses, a.losses[:steps], rtol=RELATIVE_TOLERANCE, atol=0)
         plateau = [b.losses[k - 5 : k].sum() > 0.5 * b.losses[k - 10 : k - 5].sum() for k in range(10, steps + 1, 5)]
         assert plateau[-1] and not any(plateau[:-1]), "it stopped at the first plateaued window, not before or after"
+
+
+@pytest.mark.parametrize("make_pipe", [tiny_sd_pipeline, tiny_sdxl_pipeline])
+def test_pipeline_padding_conditions_the_unet_on_every_position_in_both_paths(make_pipe):
+    pipe = float64_pipeline(make_pipe)
+    lengths = []
+    handle = pipe.unet.register_forward_pre_hook(
+        lambda module, args, kwargs: lengths.append(kwargs["encoder_hidden_states"].shape[1]), with_kwargs=True)
+    try:
+        reference = [run(pipe, [request], stage1_mode="reference", stage1_padding="pipeline")[0] for request in REQUESTS]
+        assert set(lengths) == {77}, "stage 1 gave the UNet other than the pipeline's 77 positions"
+        batched = run(pipe, REQUESTS, stage1_mode="fast", stage1_padding="pipeline")
+    finally:
+        handle.remove()
+    longest = run(pipe, REQUESTS[:1], stage1_mode="fast")[0]
+    for ref, fast in zip(reference, batched):
+        torch.testing.assert_close(fast.losses, ref.losses, rtol=RELATIVE_TOLERANCE, atol=0)
+        for component, vector in ref.vectors.items():
+            assert relative_difference(fast.vectors[component], vector) < RELATIVE_TOLERANCE
+    assert relative_difference(longest.vectors["text_encoder"], batched[0].vectors["text_encoder"]) > 1e-3

@@ -37,3 +37,9 @@ def test_absent_subject_and_long_prompt(tokenizer):
         subject_token_positions(tokenizer, ["a photo of a dog"], "cow")
     with pytest.raises(ValueError, match="over the text encoder's limit of 77"):
         check_prompt_lengths(tokenizer, ["a photo of " + "dog " * 80])
+
+
+@pytest.mark.parametrize("blank", ["", " "])
+def test_a_blank_subject_is_refused_with_a_clear_error(tokenizer, blank):
+    with pytest.raises(ValueError, match=r"The subject .* is blank.*can only be destinations"):
+        subject_token_positions(tokenizer, ["painting by "], blank)
