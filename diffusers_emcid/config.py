@@ -93,7 +93,10 @@ class EMCIDConfig:
         image_scheduler: the class name of a diffusers scheduler to draw the training images with (built from
             the pipeline's scheduler config, e.g. `"DPMSolverMultistepScheduler"` for fewer steps); `None` keeps
             the pipeline's own (SD 1.4: PNDM, which the paper used with 50 steps).
-        image_resolution: side of the training images in pixels; `None` uses the pipeline's default.
+        image_resolution: side of the images drawn for training, in pixels; `None` uses the pipeline's default.
+        image_training_resolution: side the training images (drawn or given) are resized to (shorter side, then a
+            centre crop) before they are encoded, which SD-XL's time ids then describe; `None` keeps the drawn size.
+            The authors drew SD-XL's images at 1024 and trained on them at 512.
         stage1_padding: how the UNet is conditioned in stage 1: `"longest"` (the paper's) pads each concept's
             prompts to the longest of them and masks the padding in the text encoder; `"pipeline"` pads every prompt
             to the tokenizer's length (77) without a mask, as the pipeline does at inference.
@@ -153,6 +156,7 @@ class EMCIDConfig:
     image_guidance_scale: float = 7.5
     image_scheduler: str | None = None
     image_resolution: int | None = None
+    image_training_resolution: int | None = None
     stage1_padding: Stage1Padding = "longest"
     early_stopping_window: int | None = None
     early_stopping_min_improvement: float = 0.01
@@ -178,6 +182,10 @@ class EMCIDConfig:
         for name in ("layers", "layers_2"):
             if not isinstance(getattr(self, name), str):
                 setattr(self, name, tuple(getattr(self, name)))
+        for name in ("image_resolution", "image_training_resolution"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 8):
+                raise ValueError(f"EMCIDConfig.{name}={value!r} must be None or an int of at least 8 pixels.")
         positive_ints = ("num_steps", "samples_per_prompt", "image_num_inference_steps",
                          "statistics_num_samples", "statistics_batch_size", "stage2_batch_size", "concept_batch_size")
         for name in positive_ints:
@@ -260,8 +268,9 @@ class EMCIDConfig:
             "dtype": self.dtype,
             "early_stopping": None if self.early_stopping_window is None
             else (self.early_stopping_window, self.early_stopping_min_improvement),
-            # named only when not the default, so that the keys of vectors cached before the option stay valid
+            # named only when not the default, so that the keys of vectors cached before these options stay valid
             **({"padding": self.stage1_padding} if self.stage1_padding != "longest" else {}),
+            **({"training_resolution": self.image_training_resolution} if self.image_training_resolution else {}),
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -290,10 +299,11 @@ PRESETS: dict[str, dict[str, Any]] = {
                         text_alignment_weight=0.01, preservation_weight=4000.0, edit_weight=0.5),
     # SD-XL (`sdxl-dest_s-100_c-1.2_ly-8-11_ly2-26-31_lr-0.1_wd-8e-03_txt-align-0.01`, whose text weight is in fact
     # 0.005): CLIP-L layers 8-10 and OpenCLIP-bigG layers 26-30, the layers whose outputs SD-XL feeds its UNet;
-    # lambda 4000 for the first encoder and 10000 for the second, alpha = 0.5.
+    # lambda 4000 for the first encoder and 10000 for the second, alpha = 0.5. Images are drawn at the pipeline's
+    # size (1024) and trained on at 512, as the authors did, with time ids that describe 512 (theirs said 1024).
     "sdxl-paper": dict(layers="-4:-1", layers_2="-6:-1", num_steps=100, learning_rate=0.1, weight_decay=8e-3,
                        clamp_norm_factor=1.2, text_alignment_weight=0.005, preservation_weight=4000.0,
-                       preservation_weight_2=10000.0, edit_weight=0.5),
+                       preservation_weight_2=10000.0, edit_weight=0.5, image_training_resolution=512),
     # The shipped shapes model (`diffusers_emcid.shapes`): its first two layers have no attention output, so a word's
     # states there are context-free and an edit of their fc2 reaches every later position; few captions exist, so
     # lambda is small, and the MEMIT residual suits an edit before any attention. Its context-free layers have few

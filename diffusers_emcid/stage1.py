@@ -102,7 +102,7 @@ def quiet_progress_bar(pipe: DiffusionPipeline) -> Iterator[None]:
 
 
 def image_resolution(pipe: DiffusionPipeline, config: EMCIDConfig) -> int:
-    """Side of the training images: the config's, else the pipeline's default output size."""
+    """Side of the images drawn for training: the config's, else the pipeline's default output size."""
     return config.image_resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
 
 
@@ -156,13 +156,15 @@ def training_images(pipe: DiffusionPipeline, requests: Sequence[ConceptEdit], co
     do not depend on the other requests of the call.
 
     Returns:
-        Per request, (P, S, 3, R, R) in [0, 1], image [p, s] being sample s of template p.
+        Per request, (P, S, 3, R, R) in [0, 1], image [p, s] being sample s of template p, R being
+        `config.image_training_resolution` or else the drawing size.
     """
     resolution = image_resolution(pipe, config)
+    training_resolution = config.image_training_resolution or resolution
     images: list[torch.Tensor | None] = [None] * len(requests)
     for index, request in enumerate(requests):
         if request.images is not None:
-            given = torch.cat([resize_and_crop(load_image(image)[None], resolution) for image in request.images])
+            given = torch.cat([resize_and_crop(load_image(image)[None], training_resolution) for image in request.images])
             images[index] = given.unflatten(0, (-1, len(request.templates))).transpose(0, 1).clamp(0, 1)
     drawn = [index for index, request in enumerate(requests) if request.images is None]
     if not drawn:
@@ -184,7 +186,10 @@ def training_images(pipe: DiffusionPipeline, requests: Sequence[ConceptEdit], co
                 generator=per_image,
                 output_type="pt",
             )
-            samples.append(output.images.float().cpu())
+            drawn_images = output.images.float().cpu()
+            if training_resolution != resolution:
+                drawn_images = resize_and_crop(drawn_images, training_resolution).clamp(0, 1)
+            samples.append(drawn_images)
     samples = torch.stack(samples, dim=1).split([len(requests[index].templates) for index in drawn])
     for index, sample in zip(drawn, samples):
         images[index] = sample
