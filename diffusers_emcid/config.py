@@ -11,6 +11,7 @@ import diffusers
 ResidualMode = Literal["paper", "memit"]
 Stage1Mode = Literal["fast", "reference"]
 Stage1Padding = Literal["longest", "pipeline"]
+Stage2Keys = Literal["concept", "prompt"]
 StatisticsPositions = Literal["paper", "pipeline"]
 STATISTICS_POSITIONS: tuple[str, ...] = ("paper", "pipeline")
 """Which caption positions the key statistics cover; see `key_statistics`."""
@@ -72,9 +73,9 @@ def resolve_edit_layers(spec: LayerSpec, z_layer: int | None, num_layers: int) -
 
 @dataclass
 class EMCIDConfig:
-    """Every setting of an EMCID run. Symbols refer to the paper and to `emcid_spec.md`.
+    """Every setting of an EMCID run. Symbols refer to the paper and to `docs/algorithm.md`.
 
-    Stage 1 (one vector per concept, spec section 2):
+    Stage 1 (one vector per concept):
         layers: the text-encoder layers whose `mlp.fc2` is edited in stage 2, as a slice string over the
             encoder's layers or a list of indices (negative from the end). `"0:-1"` is layers 0-10 of
             CLIP-L (12 layers) and scales to any depth.
@@ -94,9 +95,9 @@ class EMCIDConfig:
             the pipeline's scheduler config, e.g. `"DPMSolverMultistepScheduler"` for fewer steps); `None` keeps
             the pipeline's own (SD 1.4: PNDM, which the paper used with 50 steps).
         image_resolution: side of the images drawn for training, in pixels; `None` uses the pipeline's default.
-        image_training_resolution: side the training images (drawn or given) are resized to (shorter side, then a
-            centre crop) before they are encoded, which SD-XL's time ids then describe; `None` keeps the drawn size.
-            The authors drew SD-XL's images at 1024 and trained on them at 512.
+        image_training_scale: the training images are drawn at `image_resolution` and trained on at this fraction
+            of it (given images are resized to that size, shorter side first, then centre-cropped); SD-XL's time ids
+            describe the trained size. The authors drew SD-XL's images at 1024 and trained on them at 512 (0.5).
         stage1_padding: how the UNet is conditioned in stage 1: `"longest"` (the paper's) pads each concept's
             prompts to the longest of them and masks the padding in the text encoder; `"pipeline"` pads every prompt
             to the tokenizer's length (77) without a mask, as the pipeline does at inference.
@@ -106,18 +107,21 @@ class EMCIDConfig:
             `early_stopping_min_improvement` (relative); `None` (the paper's setting) runs every step.
         early_stopping_min_improvement: the relative improvement a window must bring to go on.
 
-    Stage 2 (closed form, spec section 3):
+    Stage 2 (closed form):
         preservation_weight: lambda, the weight of the key covariance C (`mom2_update_weight`).
         edit_weight: alpha in `dW = alpha R K^T ((1-alpha) lambda C + alpha K K^T)^-1`, in (0, 1).
         residual: `"paper"` uses R = z - (fc2 output of the layer), as the authors' code does; `"memit"`
             uses R = z - (z-layer residual stream), MEMIT's consistent form.
+        stage2_keys: `"concept"` (the authors') writes one column per concept: its keys averaged over its prompts,
+            target z; `"prompt"` writes one column per prompt, with the prompt's own key and target (its own clean
+            state plus the concept's delta), weighted so that a concept weighs as much as one averaged column.
 
-    SD-XL's second text encoder (spec section 7; ignored for pipelines with one text encoder):
+    SD-XL's second text encoder (ignored for pipelines with one text encoder):
         layers_2: its edited layers, as `layers`; `"-6:-1"` is layers 26-30 of OpenCLIP bigG (32 layers).
         z_layer_2: its z layer; `None` means its last edited layer.
         preservation_weight_2: its lambda; `None` means `preservation_weight`.
 
-    Statistics (spec section 4):
+    Statistics:
         statistics_num_samples: captions used for C (a fixed pseudo-random subset if more are given).
         statistics_batch_size: captions per forward pass when computing C.
         statistics_positions: the caption positions C covers: `"pipeline"` (the default) tokenises the captions and
@@ -156,13 +160,14 @@ class EMCIDConfig:
     image_guidance_scale: float = 7.5
     image_scheduler: str | None = None
     image_resolution: int | None = None
-    image_training_resolution: int | None = None
+    image_training_scale: float = 1.0
     stage1_padding: Stage1Padding = "longest"
     early_stopping_window: int | None = None
     early_stopping_min_improvement: float = 0.01
     preservation_weight: float = 4000.0
     edit_weight: float = 0.6
     residual: ResidualMode = "paper"
+    stage2_keys: Stage2Keys = "concept"
     layers_2: LayerSpec = "-6:-1"
     z_layer_2: int | None = None
     preservation_weight_2: float | None = None
@@ -182,10 +187,12 @@ class EMCIDConfig:
         for name in ("layers", "layers_2"):
             if not isinstance(getattr(self, name), str):
                 setattr(self, name, tuple(getattr(self, name)))
-        for name in ("image_resolution", "image_training_resolution"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 8):
-                raise ValueError(f"EMCIDConfig.{name}={value!r} must be None or an int of at least 8 pixels.")
+        if self.image_resolution is not None and (
+            isinstance(self.image_resolution, bool) or not isinstance(self.image_resolution, int) or self.image_resolution < 8
+        ):
+            raise ValueError(f"EMCIDConfig.image_resolution={self.image_resolution!r} must be None or an int of at least 8.")
+        if not 0 < self.image_training_scale <= 1:
+            raise ValueError(f"EMCIDConfig.image_training_scale={self.image_training_scale!r} must lie in (0, 1].")
         positive_ints = ("num_steps", "samples_per_prompt", "image_num_inference_steps",
                          "statistics_num_samples", "statistics_batch_size", "stage2_batch_size", "concept_batch_size")
         for name in positive_ints:
@@ -231,6 +238,8 @@ class EMCIDConfig:
             raise ValueError(f"EMCIDConfig.stage1_padding={self.stage1_padding!r} must be 'longest' or 'pipeline'.")
         if self.stage1_mode not in ("fast", "reference"):
             raise ValueError(f"EMCIDConfig.stage1_mode={self.stage1_mode!r} must be 'fast' or 'reference'.")
+        if self.stage2_keys not in ("concept", "prompt"):
+            raise ValueError(f"EMCIDConfig.stage2_keys={self.stage2_keys!r} must be 'concept' or 'prompt'.")
         if self.residual not in ("paper", "memit"):
             raise ValueError(f"EMCIDConfig.residual={self.residual!r} must be 'paper' or 'memit'.")
         if self.dtype not in (None, "float32", "float16", "bfloat16"):
@@ -270,7 +279,7 @@ class EMCIDConfig:
             else (self.early_stopping_window, self.early_stopping_min_improvement),
             # named only when not the default, so that the keys of vectors cached before these options stay valid
             **({"padding": self.stage1_padding} if self.stage1_padding != "longest" else {}),
-            **({"training_resolution": self.image_training_resolution} if self.image_training_resolution else {}),
+            **({"training_scale": self.image_training_scale} if self.image_training_scale != 1.0 else {}),
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -300,10 +309,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     # SD-XL (`sdxl-dest_s-100_c-1.2_ly-8-11_ly2-26-31_lr-0.1_wd-8e-03_txt-align-0.01`, whose text weight is in fact
     # 0.005): CLIP-L layers 8-10 and OpenCLIP-bigG layers 26-30, the layers whose outputs SD-XL feeds its UNet;
     # lambda 4000 for the first encoder and 10000 for the second, alpha = 0.5. Images are drawn at the pipeline's
-    # size (1024) and trained on at 512, as the authors did, with time ids that describe 512 (theirs said 1024).
+    # size (1024) and trained on at half of it (512), as the authors did, with time ids that describe 512 (theirs
+    # said 1024).
     "sdxl-paper": dict(layers="-4:-1", layers_2="-6:-1", num_steps=100, learning_rate=0.1, weight_decay=8e-3,
                        clamp_norm_factor=1.2, text_alignment_weight=0.005, preservation_weight=4000.0,
-                       preservation_weight_2=10000.0, edit_weight=0.5, image_training_resolution=512),
+                       preservation_weight_2=10000.0, edit_weight=0.5, image_training_scale=0.5),
     # The shipped shapes model (`diffusers_emcid.shapes`): its first two layers have no attention output, so a word's
     # states there are context-free and an edit of their fc2 reaches every later position; few captions exist, so
     # lambda is small, and the MEMIT residual suits an edit before any attention. Its context-free layers have few

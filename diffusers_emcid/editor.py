@@ -44,7 +44,7 @@ logger = logging.getLogger(__name__)
 
 STAGE1_FORMAT = "emcid-stage1-v3"
 DEBIAS_TEMPLATES = ("a photo of {}", "an image of {}", "{}")
-"""The paper's stage-1 templates for debiasing (spec section 1.2)."""
+"""The paper's stage-1 templates for debiasing."""
 STATISTICS_FORMAT = "emcid-statistics-v1"
 
 
@@ -421,6 +421,24 @@ class EMCIDEditor:
         with self._base_model():
             return self._solve(ordered, vectors, self._checked_statistics())
 
+    def merge(self, first: ConceptEdits, second: ConceptEdits) -> ConceptEdits:
+        """One edit set with the concepts of both, solved jointly by stage 2 from their stored vectors (no stage 1),
+        with this editor's statistics.
+
+        Raises:
+            ValueError: if an edit set has no vectors, or the sets (or this editor) differ in stage-2 settings or
+                layers.
+        """
+        requests, vectors = first.concatenate(second)
+        first.check_solvable_with(self.config, self.z_layers)
+        return self.solve(requests, vectors)
+
+    def without(self, edits: ConceptEdits, sources: Iterable[str]) -> ConceptEdits:
+        """`edits` minus the concepts with these sources (case-insensitive), re-solved by stage 2 like `merge`."""
+        requests, vectors = edits.select_without(sources)
+        edits.check_solvable_with(self.config, self.z_layers)
+        return self.solve(requests, vectors)
+
     def _solve(self, requests: list[ConceptEdit], vectors: dict[str, torch.Tensor],
                statistics: dict[str, KeyStatistics]) -> ConceptEdits:
         """Stage 2 of each encoder for canonically ordered requests, inside `_base_model()`."""
@@ -430,13 +448,13 @@ class EMCIDEditor:
                 encoder.layout, encoder.tokenizer, requests, vectors[encoder.component], encoder.layers, encoder.z_layer,
                 statistics[encoder.component].regularized(self.config.statistics_regularization),
                 self.config.edit_weight, encoder.preservation_weight,
-                self.config.residual, self.config.stage2_batch_size, self.progress,
+                self.config.residual, self.config.stage2_batch_size, self.progress, self.config.stage2_keys,
             )
         return ConceptEdits(
             requests=list(requests),
             vectors={name: v.float().cpu() for name, v in vectors.items()},
             deltas=deltas,
-            config=self.config,
+            config=dataclasses.replace(self.config),  # a copy: later changes to the editor do not rewrite history
             z_layers=self.z_layers,
             base_model=getattr(self.pipe, "name_or_path", None) or None,
             base_fingerprints={e.component: base_weights_fingerprint(e.layout, e.layers) for e in self.encoders},
@@ -473,7 +491,7 @@ class EMCIDEditor:
     def rectify(self, requests: Iterable[ConceptEdit | tuple[str, str]], text_alignment: bool | None = None) -> ConceptEdits:
         """Rectifies concepts the model draws wrongly, learning from real images of the destination.
 
-        Requests with `images` are trained against the true noise of those images (`use_real_noise`, spec 2.4)
+        Requests with `images` are trained against the true noise of those images (`use_real_noise`)
         instead of the frozen model's prediction for the destination; requests without images are plain
         edits.
 

@@ -53,6 +53,12 @@ def _shareable_model_id(base_model: str | None) -> str | None:
     return base_model
 
 
+def _stage2_settings(config: EMCIDConfig) -> tuple:
+    """What stage 2's result depends on besides the requests, vectors and statistics."""
+    return (config.edit_weight, config.preservation_weight, config.preservation_weight_2, config.residual,
+            config.stage2_keys)
+
+
 @dataclass
 class ConceptEdits:
     """A set of concept edits: stage-1 vectors and the stage-2 updates of each edited text encoder.
@@ -155,45 +161,52 @@ class ConceptEdits:
 
     # ------------------------------------------------------------------ combining
 
-    def _check_resolvable(self) -> None:
+    def check_resolvable(self) -> None:
+        """Raises `ValueError` unless the stage-1 vectors are at hand, so that stage 2 can be solved again."""
         if set(self.vectors) != set(self.deltas):
             raise ValueError(f"{self!r} carries no stage-1 vectors (its folder had no emcid_vectors.safetensors), so it cannot be re-solved.")
 
-    def _resolve(self, requests: list[ConceptEdit], vectors: dict[str, torch.Tensor], pipe: DiffusionPipeline,
-                 cache_dir: str | os.PathLike | None) -> "ConceptEdits":
-        from .editor import EMCIDEditor
-
-        config = dataclasses.replace(self.config, device=None)  # a stored device may not exist here
-        editor = EMCIDEditor(pipe, config, cache_dir=cache_dir, progress=False)
-        if editor.z_layers != self.z_layers:
-            raise ValueError(f"These edits' vectors live at layers {self.z_layers}, but the config gives {editor.z_layers} on this pipeline.")
-        return editor.solve(requests, vectors)
-
-    def merge(self, other: "ConceptEdits", pipe: DiffusionPipeline, cache_dir: str | os.PathLike | None = None) -> "ConceptEdits":
-        """One edit set with the concepts of both, solved jointly by stage 2 from the stored vectors (no stage 1).
-
-        Args:
-            other: the edits to add.
-            pipe: the base pipeline the edits were made on.
-            cache_dir: the EMCID cache holding its key statistics (see `EMCIDEditor`).
-        """
-        self._check_resolvable()
-        other._check_resolvable()
-        stage2 = lambda c: (c.edit_weight, c.preservation_weight, c.preservation_weight_2, c.residual)  # noqa: E731
-        if stage2(self.config) != stage2(other.config):
+    def check_solvable_with(self, config: EMCIDConfig, z_layers: dict[str, int]) -> None:
+        """Raises `ValueError` unless stage 2 under `config`, with vectors at `z_layers`, is the stage 2 of these edits
+        (the same alpha, lambdas, residual and keys, the same layers)."""
+        self.check_resolvable()
+        if _stage2_settings(config) != _stage2_settings(self.config):
             raise ValueError(
-                f"The two edit sets were solved with other stage-2 settings (alpha, lambda, lambda_2, residual: "
-                f"{stage2(self.config)} and {stage2(other.config)}); re-solve one with the other's config first."
+                f"These edits were solved with other stage-2 settings (alpha, lambda, lambda_2, residual, keys: "
+                f"{_stage2_settings(self.config)}, the editor has {_stage2_settings(config)}); re-solve them with an "
+                "editor built with their config: EMCIDEditor(pipe, edits.config)."
+            )
+        if z_layers != self.z_layers:
+            raise ValueError(f"These edits' vectors live at layers {self.z_layers}, but the editor's config gives {z_layers}.")
+
+    def concatenate(self, other: "ConceptEdits") -> tuple[list[ConceptEdit], dict[str, torch.Tensor]]:
+        """The requests and stage-1 vectors of both edit sets, for one joint stage 2 (`EMCIDEditor.merge`).
+
+        Raises:
+            ValueError: if either has no vectors, or they were solved with other stage-2 settings or layers.
+        """
+        self.check_resolvable()
+        other.check_resolvable()
+        if _stage2_settings(self.config) != _stage2_settings(other.config):
+            raise ValueError(
+                f"The two edit sets were solved with other stage-2 settings (alpha, lambda, lambda_2, residual, keys: "
+                f"{_stage2_settings(self.config)} and {_stage2_settings(other.config)}); re-solve one with the other's "
+                "config first."
             )
         layers = lambda edits: (edits.z_layers, {c: sorted(d) for c, d in edits.deltas.items()})  # noqa: E731
         if layers(self) != layers(other):
             raise ValueError(f"The two edit sets change different layers ({layers(self)} and {layers(other)}); they cannot be merged.")
         vectors = {c: torch.cat([self.vectors[c], other.vectors[c]]) for c in self.vectors}
-        return self._resolve(self.requests + other.requests, vectors, pipe, cache_dir)
+        return self.requests + other.requests, vectors
 
-    def without(self, sources: Iterable[str], pipe: DiffusionPipeline, cache_dir: str | os.PathLike | None = None) -> "ConceptEdits":
-        """The edit set minus the concepts with these sources (case-insensitive), re-solved by stage 2 like `merge`."""
-        self._check_resolvable()
+    def select_without(self, sources: Iterable[str]) -> tuple[list[ConceptEdit], dict[str, torch.Tensor]]:
+        """The requests and stage-1 vectors of the concepts whose source is not among `sources` (case-insensitive),
+        for `EMCIDEditor.without`.
+
+        Raises:
+            ValueError: for a source these edits do not have, or if no concept would be left.
+        """
+        self.check_resolvable()
         drop = {" ".join(s.lower().split()) for s in sources}
         keep = [i for i, r in enumerate(self.requests) if " ".join(r.source.lower().split()) not in drop]
         unknown = drop - {" ".join(r.source.lower().split()) for r in self.requests}
@@ -201,8 +214,7 @@ class ConceptEdits:
             raise ValueError(f"No concept with source(s) {sorted(unknown)} in these edits; they edit {[r.source for r in self.requests]}.")
         if not keep:
             raise ValueError("Removing these sources leaves no concept; use remove()/unload instead.")
-        vectors = {c: v[keep] for c, v in self.vectors.items()}
-        return self._resolve([self.requests[i] for i in keep], vectors, pipe, cache_dir)
+        return [self.requests[i] for i in keep], {c: v[keep] for c, v in self.vectors.items()}
 
     # ------------------------------------------------------------------ files and the Hub
 

@@ -14,7 +14,7 @@ from PIL import Image
 from .cache import digest
 
 DEFAULT_TEMPLATES: tuple[str, ...] = ("An image of {}", "A photo of {}", "{}")
-"""The paper's three prompt templates for object edits (spec section 1.2)."""
+"""The paper's three prompt templates for object edits."""
 
 ImageInput = Union[Image.Image, torch.Tensor, str, os.PathLike]
 
@@ -59,7 +59,7 @@ class ConceptEdit:
             templates, ordered sample-major (image j belongs to template j mod P).
         text_alignment: whether stage 1 uses the text-alignment term for this concept.
         use_real_noise: train against the true noise of the images instead of the frozen model's prediction for
-            the destination (the paper's rectification with real images of the destination; spec 2.4).
+            the destination (the paper's rectification with real images of the destination).
     """
 
     source: str

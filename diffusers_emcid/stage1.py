@@ -1,4 +1,4 @@
-"""Stage 1: one vector per concept and text encoder, by dual self-distillation (spec sections 2 and 7).
+"""Stage 1: one vector per concept and text encoder, by dual self-distillation (`docs/algorithm.md`, section 2).
 
 For a concept with source prompts s_p and destination prompts d_p (p = 1..P), a vector delta is added
 to the residual stream of each edited text encoder at its z layer, at the last token of the source
@@ -29,10 +29,10 @@ Where this differs from the authors' code, and why:
   generator, loss, gradient and Adam state, and the text encoders' layers up to the z layer, which the
   delta cannot change, run once per concept rather than at every step; `"reference"` keeps the plain
   one-concept, full-forward path, and both give the same vectors up to float rounding;
-- SD-XL: each encoder tokenises its own prompts, destinations included (their bug B2); noise is added
-  with DDPM's schedule of the model's training betas, not the sampling scheduler (B3); the time ids
-  describe the training images' real size and crop (B3); the second encoder's delta is written once
-  (B1, in stage 2); its vectors are cached together with the first encoder's (B4).
+- SD-XL: each encoder tokenises its own prompts, destinations included (theirs reuse the first tokenizer's
+  destination ids); noise is added with DDPM's schedule of the model's training betas, not the sampling
+  scheduler; the time ids describe the training images' real size and crop; the second encoder's delta is
+  written once (in stage 2; theirs adds it twice); its vectors are cached together with the first encoder's.
 """
 
 from __future__ import annotations
@@ -156,11 +156,12 @@ def training_images(pipe: DiffusionPipeline, requests: Sequence[ConceptEdit], co
     do not depend on the other requests of the call.
 
     Returns:
-        Per request, (P, S, 3, R, R) in [0, 1], image [p, s] being sample s of template p, R being
-        `config.image_training_resolution` or else the drawing size.
+        Per request, (P, S, 3, R, R) in [0, 1], image [p, s] being sample s of template p, R being the drawing size
+        times `config.image_training_scale`, rounded to a multiple of the VAE's scale factor.
     """
     resolution = image_resolution(pipe, config)
-    training_resolution = config.image_training_resolution or resolution
+    factor = pipe.vae_scale_factor
+    training_resolution = max(factor, round(resolution * config.image_training_scale / factor) * factor)
     images: list[torch.Tensor | None] = [None] * len(requests)
     for index, request in enumerate(requests):
         if request.images is not None:

@@ -1,4 +1,4 @@
-"""Stage 2: write all concepts into several fc2 layers at once, in closed form (spec section 3).
+"""Stage 2: write all concepts into several fc2 layers at once, in closed form (`docs/algorithm.md`, section 4).
 
 For the edited layers l_0 < l_1 < ... < l_{L-1}, in ascending order, with the model already carrying
 the updates of the earlier layers:
@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from .config import Stage2Keys
 from .encoders import TextEncoderLayout, module_device
 from .errors import EMCIDNumericalError
 from .hooks import captured_outputs, layers_skipped_to, run_until_stopped
@@ -118,6 +119,7 @@ class _PromptChunk:
             tokens after it cannot change the subject token's states), padded to the longest.
         positions: (B,) subject-token index per prompt.
         owners: (B,) the concept each prompt belongs to.
+        columns: (B,) the index of each prompt among all prompts, in request and template order.
         states: (B, T, d) the output of the layer the stream has reached, edits of the layers up to it
             included; `None` before the first layer.
     """
@@ -125,6 +127,7 @@ class _PromptChunk:
     tokens: TokenizedPrompts
     positions: torch.Tensor
     owners: torch.Tensor
+    columns: torch.Tensor
     states: torch.Tensor | None = None
 
 
@@ -136,21 +139,35 @@ def _prompt_chunks(
     for owner, request in enumerate(requests):
         ids = tokenizer(request.source_prompts, truncation=True).input_ids
         for prompt_ids, position in zip(ids, subject_token_positions(tokenizer, request.source_prompts, request.source)):
-            rows.append((prompt_ids[: position + 1], position, owner))
+            rows.append((prompt_ids[: position + 1], position, owner, len(rows)))
     rows.sort(key=lambda row: len(row[0]))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     chunks = []
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]
-        length = max(len(ids) for ids, _, _ in batch)
-        input_ids = torch.tensor([ids + [pad_id] * (length - len(ids)) for ids, _, _ in batch])
-        attention_mask = torch.tensor([[1] * len(ids) + [0] * (length - len(ids)) for ids, _, _ in batch])
+        length = max(len(row[0]) for row in batch)
+        input_ids = torch.tensor([row[0] + [pad_id] * (length - len(row[0])) for row in batch])
+        attention_mask = torch.tensor([[1] * len(row[0]) + [0] * (length - len(row[0])) for row in batch])
         chunks.append(_PromptChunk(
             TokenizedPrompts(input_ids, attention_mask).to(device),
-            torch.tensor([position for _, position, _ in batch], device=device),
-            torch.tensor([owner for _, _, owner in batch]),
+            torch.tensor([row[1] for row in batch], device=device),
+            torch.tensor([row[2] for row in batch]),
+            torch.tensor([row[3] for row in batch]),
         ))
     return chunks
+
+
+@torch.no_grad()
+def _clean_subject_states(layout: TextEncoderLayout, chunks: list[_PromptChunk], z_layer: int, num_prompts: int) -> torch.Tensor:
+    """h0 of every prompt: the unedited z-layer state at its subject token, (num_prompts, d) float64, by column."""
+    states = torch.zeros(num_prompts, layout.hidden_size, dtype=torch.float64)
+    z_module = layout.layers[z_layer]
+    for chunk in chunks:
+        with captured_outputs({"z": z_module}, stop_at=z_module) as captured:
+            run_until_stopped(layout.model, input_ids=chunk.tokens.input_ids, attention_mask=chunk.tokens.attention_mask)
+        rows = torch.arange(len(chunk.positions), device=chunk.positions.device)
+        states[chunk.columns] = captured["z"][rows, chunk.positions].double().cpu()
+    return states
 
 
 @torch.no_grad()
@@ -196,6 +213,7 @@ def compute_stage2_deltas(
     residual: Literal["paper", "memit"] = "paper",
     batch_size: int = 256,
     progress: bool = True,
+    keys_per: Stage2Keys = "concept",
 ) -> dict[int, LowRankDelta]:
     """Runs stage 2 on the live text encoder, whose weights stay untouched.
 
@@ -207,6 +225,10 @@ def compute_stage2_deltas(
         vectors: Z, the stage-1 vectors, (N, d).
         layers: the edited layers; they are processed in ascending order.
         covariances: C per edited layer, (d_ff, d_ff).
+        keys_per: `"concept"` (the paper's): one column per concept, its keys and values averaged over its
+            prompts, with target z. `"prompt"`: one column per prompt, with its own key, value and target
+            h0_p + delta (h0_p: the prompt's own clean z-layer state; delta = z - h0 of prompt 0), each column
+            weighted by 1 / sqrt(P) so that a concept weighs as much as one averaged column.
 
     Returns:
         {layer: update of its fc2} with float32 factors.
@@ -215,22 +237,34 @@ def compute_stage2_deltas(
     targets = vectors.double().cpu()
     counts = torch.tensor([len(request.templates) for request in requests], dtype=torch.float64)[:, None]
     chunks = _prompt_chunks(tokenizer, requests, batch_size, module_device(layout.model))
+    per_prompt = keys_per == "prompt"
+    if per_prompt:
+        owners = torch.cat([torch.full((len(r.templates),), n) for n, r in enumerate(requests)])
+        first = torch.cumsum(counts[:, 0].long(), 0) - counts[:, 0].long()  # the column of each concept's prompt 0
+        clean = _clean_subject_states(layout, chunks, z_layer, len(owners))
+        targets = clean + (targets - clean[first])[owners]  # h0_p + delta, (N * P, d)
+        weights = counts[owners].rsqrt()  # (N * P, 1)
     deltas: dict[int, LowRankDelta] = {}
     reached = -1
     for i, layer in enumerate(tqdm(layers, desc="EMCID stage 2", unit="layer", disable=not progress)):
-        keys = torch.zeros(len(requests), layout.intermediate_size, dtype=torch.float64)
-        values = torch.zeros(len(requests), layout.hidden_size, dtype=torch.float64)
+        num_columns = len(targets)
+        keys = torch.zeros(num_columns, layout.intermediate_size, dtype=torch.float64)
+        values = torch.zeros(num_columns, layout.hidden_size, dtype=torch.float64)
         streams = []
         for chunk in chunks:
             all_keys, output, key, value = _advance_to_layer(
                 layout, chunk, reached, layer, None if residual == "paper" else z_layer
             )
-            keys.index_add_(0, chunk.owners, key.double().cpu())
-            values.index_add_(0, chunk.owners, value.double().cpu())
+            index = chunk.columns if per_prompt else chunk.owners
+            keys.index_add_(0, index, key.double().cpu())
+            values.index_add_(0, index, value.double().cpu())
             streams.append((all_keys, output))
-        residuals = (targets - values / counts) / (len(layers) - i)
+        if per_prompt:
+            keys, residuals = weights * keys, weights * (targets - values) / (len(layers) - i)
+        else:
+            keys, residuals = keys / counts, (targets - values / counts) / (len(layers) - i)
         try:
-            delta = solve_layer_update((keys / counts).T, residuals.T, covariances[layer], edit_weight, preservation_weight)
+            delta = solve_layer_update(keys.T, residuals.T, covariances[layer], edit_weight, preservation_weight)
         except EMCIDNumericalError as error:
             raise EMCIDNumericalError(f"Layer {layer}: {error}") from error
         deltas[layer] = delta.to(torch.float32)

@@ -176,8 +176,7 @@ def test_sd2_edit_apply_remove(tmp_path):
 @pytest.fixture
 def sdxl(tmp_path):
     pipe = tiny_sdxl_pipeline()
-    config = EMCIDConfig.from_preset("sdxl-paper", num_steps=3, image_num_inference_steps=2,
-                                     image_training_resolution=32)  # the preset's 512 is the real SD-XL's; 32 is quick
+    config = EMCIDConfig.from_preset("sdxl-paper", num_steps=3, image_num_inference_steps=2, image_resolution=64)
     editor = EMCIDEditor(pipe, config, cache_dir=tmp_path, progress=False)
     editor.compute_statistics(CAPTIONS * 3)
     return pipe, editor
@@ -203,22 +202,22 @@ def test_sdxl_stage_1_conditions_the_unet_with_both_encoders_and_the_time_ids(sd
     assert hidden.shape[-1] == 64 == pipe.text_encoder.config.hidden_size + pipe.text_encoder_2.config.hidden_size
     added = kwargs["added_cond_kwargs"]
     assert added["text_embeds"].shape == (3, 32)
-    # the given 16-pixel images are trained on at the training resolution, and the time ids say so
+    # images are drawn at 64 and trained on at half that, 32 pixels, and the time ids say so (given ones too)
     assert added["time_ids"].tolist() == [[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]] * 3
     sample = kwargs.get("sample", args[0] if args else None)
     assert sample.shape[-1] == 32 // pipe.vae_scale_factor
 
 
-def test_sdxl_paper_draws_at_the_pipelines_size_and_trains_at_its_training_resolution(sdxl):
+def test_sdxl_paper_draws_at_the_pipelines_size_and_trains_at_half_of_it(sdxl):
     from diffusers_emcid.stage1 import image_resolution, training_images
 
     pipe, editor = sdxl
-    assert EMCIDConfig.from_preset("sdxl-paper").image_training_resolution == 512
+    assert EMCIDConfig.from_preset("sdxl-paper").image_training_scale == 0.5  # 1024 -> 512 on SD-XL
     request = ConceptEdit("dog", "cat", templates=["a photo of {}"], seed=3)
     (images,) = training_images(pipe, [request], editor.config)
-    assert image_resolution(pipe, editor.config) == 16 and images.shape[-2:] == (32, 32)  # drawn at 16, trained at 32
+    assert image_resolution(pipe, editor.config) == 64 and images.shape[-2:] == (32, 32)
     drawn = pipe(["a photo of dog"], num_inference_steps=2, guidance_scale=editor.config.image_guidance_scale,
-                 generator=[torch.Generator().manual_seed(3)], output_type="pt").images
+                 height=64, width=64, generator=[torch.Generator().manual_seed(3)], output_type="pt").images
     expected = F.interpolate(drawn, size=(32, 32), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
     torch.testing.assert_close(images[0, 0], expected[0], rtol=0, atol=1e-5)
 

@@ -16,17 +16,17 @@ def test_merge_equals_a_joint_edit(editor, pipe):
     dogs = editor.edit([("dog", "cat")])
     apples = editor.edit([("apple", "banana"), ("car", "tree")])
     joint = editor.edit([("dog", "cat"), ("apple", "banana"), ("car", "tree")])  # stage 1 comes from the cache
-    assert_same_deltas(dogs.merge(apples, pipe, editor.cache.root), joint)
+    assert_same_deltas(editor.merge(dogs, apples), joint)
 
 
 def test_without_equals_an_edit_of_the_rest(editor, pipe, tmp_path):
     everything = editor.edit([("dog", "cat"), ("apple", "banana"), ("car", "tree")])
     reloaded = ConceptEdits.from_pretrained(everything.save_pretrained(tmp_path / "all"))
-    assert_same_deltas(reloaded.without(["APPLE"], pipe, editor.cache.root), editor.edit([("dog", "cat"), ("car", "tree")]))
+    assert_same_deltas(editor.without(reloaded, ["APPLE"]), editor.edit([("dog", "cat"), ("car", "tree")]))
     with pytest.raises(ValueError, match="No concept with source"):
-        everything.without(["cow"], pipe, editor.cache.root)
+        editor.without(everything, ["cow"])
     with pytest.raises(ValueError, match="leaves no concept"):
-        everything.without(["dog", "apple", "car"], pipe, editor.cache.root)
+        editor.without(everything, ["dog", "apple", "car"])
 
 
 def test_merging_different_layers_is_refused(editor, pipe):
@@ -36,4 +36,11 @@ def test_merging_different_layers_is_refused(editor, pipe):
     other.compute_statistics(CAPTIONS)
     apples = other.edit([("apple", "banana")])
     with pytest.raises(ValueError, match="different layers"):
-        dogs.merge(apples, pipe)
+        editor.merge(dogs, apples)
+
+
+def test_an_editor_with_other_stage_2_settings_refuses_to_re_solve(editor):
+    dogs, apples = editor.edit([("dog", "cat")]), editor.edit([("apple", "banana")])
+    editor.config.edit_weight = 0.3
+    with pytest.raises(ValueError, match=r"other stage-2 settings.*EMCIDEditor\(pipe, edits.config\)"):
+        editor.merge(dogs, apples)
