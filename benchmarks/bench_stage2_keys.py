@@ -8,8 +8,9 @@ For `stage2_keys="concept"` (the authors') and `"prompt"`:
   deliver at its subject token, `(h_edited - h_clean) . delta / |delta|^2` at the z layer (1 = the whole delta;
   delta = z - h0 of prompt 0), per text encoder;
 * **tiny pipelines** (`diffusers_emcid.testing`, random weights, SD 1.x / 2.x / SD-XL): one edit ("dog", "cat") with
-  the default preset (50 stage-1 steps, lambda scaled to the key width) and the change of unrelated prompts'
-  77-position conditioning relative to the edited prompt's (`bench_statistics_positions.py`'s measure);
+  the default preset (50 stage-1 steps, lambda scaled to the key width) with the authors' residual and with
+  MEMIT's, and the change of unrelated prompts' 77-position conditioning relative to the edited prompt's
+  (`bench_statistics_positions.py`'s measure);
 * **the shipped shapes model** (`--shapes`): the demo's edit, and per training template the share of squares drawn
   for it (`--num-images` per template), then the demo's efficacy, generality and controls.
 
@@ -68,17 +69,18 @@ def tiny_family(name: str, cache: str) -> dict[str, Any]:
     pipe = FAMILIES[name](seed=0)
     request = ConceptEdit("dog", "cat", seed=0)
     results = {}
-    for mode in MODES:
+    for residual, mode in [(residual, mode) for residual in ("paper", "memit") for mode in MODES]:
         config = EMCIDConfig.from_preset(DEFAULT_PRESETS[pipeline_family(pipe)], num_steps=50, image_num_inference_steps=4,
-                                         stage2_keys=mode)
+                                         stage2_keys=mode, residual=residual)
         config.preservation_weight *= pipe.text_encoder.config.intermediate_size / CLIP_L_KEY_WIDTH
         if config.preservation_weight_2 is not None:
             config.preservation_weight_2 *= pipe.text_encoder_2.config.intermediate_size / 5120  # OpenCLIP-bigG
         editor = EMCIDEditor(pipe, config, cache_dir=cache, progress=False)
         editor.compute_statistics(random_captions())
         edits = editor.edit([request])
-        results[mode] = {"shares": delivered_shares(editor, edits, request), **drift_report(pipe, edits)}
-        print(name, mode, results[mode], flush=True)
+        label = f"{residual} residual, keys per {mode}"
+        results[label] = {"shares": delivered_shares(editor, edits, request), **drift_report(pipe, edits)}
+        print(name, label, results[label], flush=True)
     return results
 
 

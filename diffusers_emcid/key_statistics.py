@@ -9,8 +9,9 @@ Which positions of a caption it covers (`StatisticsPositions`):
   that drives classifier-free guidance.
 * `"pipeline"`: the captions and the empty prompt tokenised as the pipeline does (padded to 77 with each
   tokenizer's pad token, no attention mask), so C also covers the padding positions:
-  `C = C_tokens + padding_weight * C_padding`, with C_tokens the `"paper"` statistic (the real tokens are the same
-  under the causal mask) and C_padding the mean over the padding positions. The padding thus carries a fixed share
+  `C = C_tokens + padding_weight * C_padding`, with C_tokens the mean over the real tokens (the `"paper"` statistic
+  plus the empty prompt's two markers: real tokens are encoded alike with or without padding, under the causal
+  mask) and C_padding the mean over the padding positions. The padding thus carries a fixed share
   of C however many of the 77 positions it fills, and the real tokens keep their weight.
 """
 
