@@ -33,31 +33,13 @@ import torch
 from diffusers_emcid import ConceptEdit, EMCIDConfig, EMCIDEditor
 from diffusers_emcid.config import DEFAULT_PRESETS
 from diffusers_emcid.encoders import pipeline_family
+from diffusers_emcid.evaluation import conditioning_change
 from diffusers_emcid.testing import random_captions, tiny_sd2_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline
 
 FAMILIES = {"sd1": tiny_sd_pipeline, "sd2": tiny_sd2_pipeline, "sdxl": tiny_sdxl_pipeline}
 EDITED = ["An image of dog", "a photo of dog"]
 UNRELATED = ["a photo of a tree", "a red car at night", "a painting of a house"]
 CLIP_L_KEY_WIDTH = 3072
-
-
-def conditioning(pipe: Any, prompts: list[str]) -> torch.Tensor:
-    """What the pipeline's own `encode_prompt` gives the UNet, (B, 77, D)."""
-    with torch.no_grad():
-        if pipeline_family(pipe) == "sdxl":
-            return pipe.encode_prompt(prompts, device=pipe.device, do_classifier_free_guidance=False)[0]
-        return pipe.encode_prompt(prompts, pipe.device, 1, False)[0]
-
-
-def drift(pipe: Any, edits: Any, prompts: list[str]) -> list[float]:
-    """Per prompt, ||c_after - c_before|| / ||c_before|| of its 77-position conditioning."""
-    before = conditioning(pipe, prompts)
-    edits.apply(pipe)
-    try:
-        after = conditioning(pipe, prompts)
-    finally:
-        edits.remove(pipe)
-    return [float((a - b).norm() / b.norm()) for a, b in zip(after, before)]
 
 
 def settings(padding_weights: list[float]) -> list[tuple[str, dict[str, Any]]]:
@@ -70,7 +52,8 @@ def settings(padding_weights: list[float]) -> list[tuple[str, dict[str, Any]]]:
 
 
 def drift_report(pipe: Any, edits: Any) -> dict[str, float]:
-    empty, edited, unrelated = drift(pipe, edits, [""]), drift(pipe, edits, EDITED), drift(pipe, edits, UNRELATED)
+    empty = conditioning_change(pipe, edits, [""])
+    edited, unrelated = conditioning_change(pipe, edits, EDITED), conditioning_change(pipe, edits, UNRELATED)
     return {"empty": empty[0], "edited": max(edited), "unrelated_max": max(unrelated),
             "unrelated_over_edited": max(unrelated) / max(edited)}
 
@@ -125,9 +108,9 @@ def shapes(padding_weights: list[float], num_images: int, cache: str) -> dict[st
 
 
 def drift_report_shapes(pipe: Any, edits: Any) -> dict[str, float]:
-    empty = drift(pipe, edits, [""])[0]
-    edited = max(drift(pipe, edits, ["a red circle", "a photo of a blue circle"]))
-    unrelated = max(drift(pipe, edits, ["a blue triangle", "a green square", "a red star"]))
+    empty = conditioning_change(pipe, edits, [""])[0]
+    edited = max(conditioning_change(pipe, edits, ["a red circle", "a photo of a blue circle"]))
+    unrelated = max(conditioning_change(pipe, edits, ["a blue triangle", "a green square", "a red star"]))
     return {"empty": empty, "edited": edited, "unrelated_max": unrelated, "unrelated_over_edited": unrelated / edited}
 
 

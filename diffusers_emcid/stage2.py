@@ -4,6 +4,7 @@ For the edited layers l_0 < l_1 < ... < l_{L-1}, in ascending order, with the mo
 the updates of the earlier layers:
 
     K = fc2 inputs at each concept's subject token, averaged over its prompts      (d_ff, N)
+        (or one column per prompt, with `keys_per="prompt"`; see `compute_stage2_deltas`)
     R = (z - V) / (L - i)   with V = fc2 outputs ("paper") or z-layer states ("memit")   (d, N)
     dW = alpha R K^T ((1 - alpha) lambda C + alpha K K^T)^-1                        (d, d_ff)
 

@@ -4,30 +4,12 @@ import pytest
 import torch
 
 from diffusers_emcid import ConceptEdit, EMCIDConfig, EMCIDEditor, EMCIDNumericalError
-from diffusers_emcid.encoders import pipeline_family
+from diffusers_emcid.evaluation import conditioning_change
 from diffusers_emcid.testing import random_captions, tiny_sd2_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline
 
 FAMILIES = [tiny_sd_pipeline, tiny_sd2_pipeline, tiny_sdxl_pipeline]
 EMPTY_PROMPT_TOLERANCE = 0.01
 """The empty prompt (classifier-free guidance's unconditional branch) may change by at most 1% of its norm."""
-
-
-def conditioning(pipe, prompts):
-    """The 77-position conditioning the pipeline's own `encode_prompt` gives its UNet, (B, 77, D)."""
-    with torch.no_grad():
-        if pipeline_family(pipe) == "sdxl":
-            return pipe.encode_prompt(prompts, device=pipe.device, do_classifier_free_guidance=False)[0]
-        return pipe.encode_prompt(prompts, pipe.device, 1, False)[0]
-
-
-def relative_change(pipe, edits, prompts):
-    before = conditioning(pipe, prompts)
-    edits.apply(pipe)
-    try:
-        after = conditioning(pipe, prompts)
-    finally:
-        edits.remove(pipe)
-    return [float((a - b).norm() / b.norm()) for a, b in zip(after, before)]
 
 
 @pytest.mark.slow
@@ -40,7 +22,7 @@ def test_an_edit_with_default_settings_leaves_the_empty_prompt_in_place(make_pip
         editor.config.statistics_positions = positions
         editor.compute_statistics(random_captions())
         edits = editor.edit([ConceptEdit("dog", "cat", seed=0)])
-        changes[positions] = relative_change(pipe, edits, ["", "An image of dog"])
+        changes[positions] = conditioning_change(pipe, edits, ["", "An image of dog"])
     (empty, edited) = changes["pipeline"]
     assert empty <= EMPTY_PROMPT_TOLERANCE, changes
     assert edited > 2 * empty, "the edit changed nothing the test can see"

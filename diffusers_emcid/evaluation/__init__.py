@@ -1,5 +1,6 @@
 """Measuring edits: judges (image classifiers) and the ICEB-style before/after metrics of the paper."""
 
+from .drift import conditioning_change, pipeline_conditioning
 from .judges import ImageClassifierJudge, Judge, concept_labels, concept_probability
 from .metrics import GROUPS, EditEvaluation, EvaluationPrompt, draw_images, draw_prompt_images, evaluate_edits, load_evaluation_prompts, summarize
 
@@ -11,9 +12,11 @@ __all__ = [
     "Judge",
     "concept_labels",
     "concept_probability",
+    "conditioning_change",
     "draw_images",
     "draw_prompt_images",
     "evaluate_edits",
     "load_evaluation_prompts",
+    "pipeline_conditioning",
     "summarize",
 ]
