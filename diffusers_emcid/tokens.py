@@ -1,6 +1,7 @@
 """Tokenising prompts and locating the subject token (the last token of the source words).
 
-The authors' code searches the decoded, space-stripped string, start-of-text marker included, which lets a destination like "art" match inside "<|startoftext|>". We locate the words
+The authors' code searches the decoded, space-stripped string, start-of-text marker included, which lets a
+destination like "art" match inside "<|startoftext|>". We locate the words
 in the prompt itself and map the characters to tokens with the fast tokenizer's offsets.
 """
 

@@ -1,4 +1,5 @@
-"""ICEB-style metrics of an edit (`docs/algorithm.md`, section 7): images drawn before and after with the same seeds, judged.
+"""ICEB-style metrics of an edit (`docs/algorithm.md`, section 7): images drawn before and after with the same
+seeds, judged.
 
 Every evaluation prompt belongs to a group and names the concept it is judged by:
 
