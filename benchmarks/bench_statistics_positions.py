@@ -1,7 +1,7 @@
 """What the key statistics' positions change: drift of unedited conditioning, and the shapes model's metrics.
 
     python benchmarks/bench_statistics_positions.py [--families sd1 sd2 sdxl] [--shapes] [--num-images 12]
-                                                    [--padding-weights 0.1 1 10]
+                                                    [--padding-weights 0.1 1 10] [--encoder-sweep]
 
 For each statistics setting (`statistics_positions="paper"`, and `"pipeline"` with each padding weight), and for
 the default statistics with stage 1 conditioning the UNet on the pipeline's 77 positions (`stage1_padding=
@@ -15,7 +15,10 @@ the default statistics with stage 1 conditioning the UNet on the pipeline's 77 p
 * **the shipped shapes model** (`--shapes`): the demo's edit and evaluation (efficacy, generality, specificity
   with the shipped judge, `--num-images` per prompt, same seeds before and after) and the conditioning drift.
   `"paper (spelled-out padding)"` is the earlier workaround: captions followed by end-of-text markers written as
-  text, counted as real tokens.
+  text, counted as real tokens;
+* **random SD 1.x encoders of other shapes** (`--encoder-sweep`): the same drift figures with the default settings
+  for wider keys, wider or deeper encoders and token embeddings scaled up (so that a word's identity outweighs its
+  position), to see what the share left to unrelated prompts depends on in random encoders.
 
 Prints one JSON object.
 """
@@ -76,6 +79,27 @@ def tiny_family(name: str, padding_weights: list[float], cache: str) -> dict[str
     return results
 
 
+ENCODER_SWEEP = [  # hidden size, MLP width (key dimensions), layers, token-embedding scale
+    (32, 64, 5, 1.0), (32, 512, 5, 1.0), (32, 2048, 5, 1.0), (128, 2048, 5, 1.0), (256, 1024, 5, 1.0),
+    (32, 64, 12, 1.0), (64, 256, 12, 1.0), (32, 512, 12, 1.0), (32, 512, 5, 5.0), (32, 2048, 5, 5.0), (32, 512, 5, 20.0),
+]
+
+
+def encoder_sweep(cache: str) -> dict[str, Any]:
+    results = {}
+    for hidden, width, depth, scale in ENCODER_SWEEP:
+        pipe = tiny_sd_pipeline(seed=0, hidden_size=hidden, intermediate_size=width, num_hidden_layers=depth)
+        with torch.no_grad():
+            pipe.text_encoder.get_input_embeddings().weight.mul_(scale)
+        config = EMCIDConfig.from_preset("sd1-paper", num_steps=50, image_num_inference_steps=4)
+        editor = EMCIDEditor(pipe, config, cache_dir=cache, progress=False)
+        editor.compute_statistics(random_captions())
+        label = f"d={hidden}, d_ff={width}, {depth} layers, embeddings x{scale:g}"
+        results[label] = drift_report(pipe, editor.edit([ConceptEdit("dog", "cat", seed=0)]))
+        print("sweep", label, results[label], flush=True)
+    return results
+
+
 def shapes(padding_weights: list[float], num_images: int, cache: str) -> dict[str, Any]:
     from diffusers_emcid.demo import DEMO_PRESET, EDIT, PROMPTS
     from diffusers_emcid.evaluation import evaluate_edits
@@ -120,12 +144,15 @@ def main() -> None:
     parser.add_argument("--shapes", action="store_true", help="also measure the shipped shapes model")
     parser.add_argument("--num-images", type=int, default=12)
     parser.add_argument("--padding-weights", nargs="+", type=float, default=[0.1, 1.0, 10.0])
+    parser.add_argument("--encoder-sweep", action="store_true", help="also measure random SD 1.x encoders of other shapes")
     args = parser.parse_args()
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as cache:
         report = {name: tiny_family(name, args.padding_weights, cache) for name in args.families}
         if args.shapes:
             report["shapes"] = shapes(args.padding_weights, args.num_images, cache)
+        if args.encoder_sweep:
+            report["encoder_sweep"] = encoder_sweep(cache)
     print(json.dumps(report, indent=2))
 
 
