@@ -75,6 +75,31 @@ class ModuleFingerprints:
         return known[1]
 
 
+def tokenizer_digest(tokenizer: Any) -> str:
+    """How a tokenizer splits text: its full definition where it has one, else its vocabulary."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return digest(sorted(tokenizer.get_vocab().items()))
+    definition = json.loads(backend.to_str())  # parsed, so that digest sorts its maps (written in hash order)
+    return digest({k: v for k, v in definition.items() if k not in ("truncation", "padding")})  # per-call settings
+
+
+def text_encoder_fingerprint(fingerprints: ModuleFingerprints, model: nn.Module, tokenizer: Any) -> str:
+    """What key statistics depend on: a text encoder's weights and its tokenizer."""
+    return digest(fingerprints(model), tokenizer_digest(tokenizer))
+
+
+def pipeline_digest(pipe: Any, text_encoders: dict[str, tuple[nn.Module, Any]], fingerprints: ModuleFingerprints) -> str:
+    """Everything of a pipeline that a stage-1 vector depends on: the weights of the edited text encoders
+    (`{component: (model, tokenizer)}`), UNet and VAE, their configs, the scheduler and the tokenizers."""
+    modules = {name: model for name, (model, _) in text_encoders.items()} | {"unet": pipe.unet, "vae": pipe.vae}
+    weights = {name: fingerprints(module) for name, module in modules.items()}
+    configs = [dict(module.config) for module in (pipe.unet, pipe.vae, pipe.scheduler)]
+    configs = [{k: v for k, v in c.items() if k != "_use_default_values"} for c in configs]  # its order varies
+    encoders = [(model.config.to_dict(), tokenizer_digest(tokenizer)) for model, tokenizer in text_encoders.values()]
+    return digest(weights, configs, type(pipe.scheduler).__name__, encoders)
+
+
 class TensorCache:
     """A folder of safetensors files addressed by key, one subfolder per kind of entry.
 

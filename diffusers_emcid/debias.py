@@ -30,18 +30,32 @@ gives 0.52 - 0.5 = 0.020000000000000018 in floating point, which would never pas
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Sequence, Union
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence, Union
 
 import torch
+from diffusers import DiffusionPipeline
 from PIL import Image
 
-from .requests import check_template
+from .cache import digest
+from .config import EMCIDConfig
+from .edits import ConceptEdits
+from .encoders import EditedEncoder
+from .hooks import low_rank_output_offsets
+from .images import draw_with_config
+from .requests import ConceptEdit, as_concept_edits, canonical_order, check_template
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import CLIPModel, CLIPProcessor
+
+logger = logging.getLogger(__name__)
+
+DEBIAS_TEMPLATES = ("a photo of {}", "an image of {}", "{}")
+"""The paper's stage-1 templates for debiasing."""
 
 DEFAULT_TOLERANCE: float = 0.02
 """The largest accepted |ratio_j - 1/n|."""
@@ -297,8 +311,126 @@ def clip_zero_shot_judge(
     return judge
 
 
+@dataclass(frozen=True)
+class ProfessionRequests:
+    """The stage-1 requests of one profession: one per attribute phrase, all with the profession's seed.
+
+    Attributes:
+        profession: the source, e.g. `"a doctor"`.
+        phrases: the attribute phrases (destinations), e.g. `["a female doctor", "a male doctor"]`.
+        requests: one `ConceptEdit(profession, phrase)` per phrase.
+    """
+
+    profession: str
+    phrases: list[str]
+    requests: list[ConceptEdit]
+
+    @property
+    def blended(self) -> ConceptEdit:
+        """The request that the blended vector is written for: the profession, towards all phrases at once."""
+        first = self.requests[0]
+        return ConceptEdit(self.profession, " / ".join(self.phrases), first.templates, first.seed)
+
+
+def profession_requests(
+    professions: Sequence[str],
+    attributes: Sequence[str],
+    templates: Sequence[str],
+    num_images: int,
+    tolerance: float,
+    step: float,
+    max_iter: int,
+) -> list[ProfessionRequests]:
+    """Checks the arguments of a debiasing run and builds each profession's requests.
+
+    Raises:
+        TypeError / ValueError: naming the bad argument and what to give instead.
+    """
+    if isinstance(professions, str) or not professions:
+        raise TypeError(f"debias() takes a non-empty list of professions, e.g. ['a doctor'], got {professions!r}.")
+    if len(attributes) < 2:
+        raise ValueError(
+            f"debias() balances at least two attributes, got {list(attributes)!r}; e.g. ['a female {{}}', 'a male {{}}']."
+        )
+    if not (isinstance(num_images, int) and num_images > 0 and isinstance(max_iter, int) and max_iter > 0
+            and step > 0 and tolerance >= 0):
+        raise ValueError(
+            f"debias() needs num_images > 0, max_iter > 0, step > 0 and tolerance >= 0; got {num_images}, {max_iter}, "
+            f"{step}, {tolerance}."
+        )
+    groups = []
+    for profession in professions:
+        seed = int(digest("emcid-debias", profession, list(templates))[:8], 16) & 0x7FFFFFFF
+        phrases = attribute_phrases(profession, attributes)
+        groups.append(ProfessionRequests(profession, phrases,
+                                         [ConceptEdit(profession, phrase, tuple(templates), seed) for phrase in phrases]))
+    as_concept_edits([group.requests[0] for group in groups])  # one entry per profession
+    return groups
+
+
+@contextlib.contextmanager
+def deltas_in_effect(encoders: list[EditedEncoder], edits: ConceptEdits) -> Iterator[None]:
+    """The pipeline computes as if `edits` were applied (through hooks; its weights stay untouched)."""
+    with contextlib.ExitStack() as stack:
+        for encoder in encoders:
+            modules = {str(layer): encoder.layout.fc2(layer) for layer in edits.deltas[encoder.component]}
+            offsets = stack.enter_context(low_rank_output_offsets(modules))
+            for layer, delta in edits.deltas[encoder.component].items():
+                offsets[str(layer)] = (delta.up, delta.down)
+        yield
+
+
+def tune_blends(
+    pipe: DiffusionPipeline,
+    encoders: list[EditedEncoder],
+    config: EMCIDConfig,
+    groups: list[ProfessionRequests],
+    vectors: dict[str, torch.Tensor],
+    solve: Callable[[list[ConceptEdit], dict[str, torch.Tensor]], ConceptEdits],
+    judge: JudgeFn,
+    prompt_template: str,
+    num_images: int,
+    tolerance: float,
+    step: float,
+    max_iter: int,
+) -> tuple[list[ConceptEdit], dict[str, torch.Tensor]]:
+    """The feedback loop of every profession (step 3 of the module docstring).
+
+    Args:
+        groups: the professions' requests.
+        vectors: the stage-1 vectors of every group's requests, in order: {component: (sum of n, d)}.
+        solve: stage 2 on the base model, for the probe edit of one profession.
+
+    Returns:
+        The professions' blended requests in canonical order, and their blended vectors {component: (N, d)}.
+    """
+    blended_requests, blended_vectors = [], {encoder.component: [] for encoder in encoders}
+    start = 0
+    for group in groups:
+        group_vectors = {component: v[start : start + len(group.requests)] for component, v in vectors.items()}
+        start += len(group.requests)
+
+        def measure(factors: torch.Tensor) -> torch.Tensor:
+            probe = solve([group.blended], {c: blend_vectors(v, factors)[None] for c, v in group_vectors.items()})
+            with deltas_in_effect(encoders, probe):
+                images = draw_with_config(pipe, config, prompt_template.format(group.profession), num_images,
+                                          group.blended.seed)
+            return judge_ratios(judge, images, group.phrases)
+
+        search = blend_factors(measure, len(group.phrases), tolerance, step, max_iter)
+        logger.info("Debias %r: factors %s after %d measurement(s) (converged: %s), ratios %s", group.profession,
+                    search.factors.tolist(), search.iterations, search.converged, search.ratios.tolist())
+        blended_requests.append(group.blended)
+        for component, v in group_vectors.items():
+            blended_vectors[component].append(blend_vectors(v, search.factors))
+    ordered = canonical_order(blended_requests)
+    rows = [blended_requests.index(request) for request in ordered]
+    return ordered, {component: torch.stack(v)[rows] for component, v in blended_vectors.items()}
+
+
 __all__ = [
     "BlendSearch",
+    "DEBIAS_TEMPLATES",
     "DEFAULT_MAX_ITER",
     "DEFAULT_NUM_IMAGES",
     "DEFAULT_PROMPT_TEMPLATE",
@@ -306,11 +438,15 @@ __all__ = [
     "DEFAULT_TOLERANCE",
     "JudgeFn",
     "MeasureFn",
+    "ProfessionRequests",
     "attribute_phrases",
     "attribute_ratios",
     "blend_factors",
     "blend_vectors",
     "check_judge_output",
     "clip_zero_shot_judge",
+    "deltas_in_effect",
     "judge_ratios",
+    "profession_requests",
+    "tune_blends",
 ]

@@ -4,54 +4,39 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 from typing import Iterable, Iterator, Sequence
 
 import torch
-from accelerate import PartialState
-from accelerate.utils import broadcast_object_list, gather_object, parse_flag_from_env
-from diffusers import DDPMScheduler, DiffusionPipeline
+from accelerate.utils import broadcast_object_list
+from diffusers import DiffusionPipeline
 from peft.tuners.tuners_utils import BaseTunerLayer
-from tqdm.auto import tqdm
 
-from .cache import ModuleFingerprints, TensorCache, digest
+from .cache import ModuleFingerprints, TensorCache, pipeline_digest, text_encoder_fingerprint
 from .config import DEFAULT_PRESETS, KIND_PRESETS, EMCIDConfig
-from .edits import ConceptEdits, base_weights_fingerprint
-from .encoders import EditedEncoder, TextEncoderLayout, find_edited_encoders, module_device, pipeline_family
-from .errors import EMCIDNumericalError
 from .debias import (
+    DEBIAS_TEMPLATES,
     DEFAULT_MAX_ITER,
     DEFAULT_NUM_IMAGES,
     DEFAULT_PROMPT_TEMPLATE,
     DEFAULT_STEP,
     DEFAULT_TOLERANCE,
     JudgeFn,
-    attribute_phrases,
-    blend_factors,
-    blend_vectors,
-    judge_ratios,
+    profession_requests,
+    tune_blends,
 )
-from .hooks import adapters_disabled, frozen, low_rank_output_offsets
+from .edits import ConceptEdits, base_weights_fingerprint
+from .encoders import EditedEncoder, TextEncoderLayout, find_edited_encoders, module_device, pipeline_family
+from .hooks import adapters_disabled, frozen
+from .key_statistics import CaptionSource, KeyStatistics, StatisticsStore, load_captions, sample_captions
 from .requests import DEFAULT_TEMPLATES, ConceptEdit, as_concept_edits, canonical_order, load_image
-from .stage1 import Stage1Result, image_resolution, optimize_concept_vectors, quiet_progress_bar, text_to_image_pipeline
+from .stage1 import Stage1Result
+from .stage1_cache import cached_stage1, process_state
 from .stage2 import compute_stage2_deltas
-from .key_statistics import CaptionSource, KeyStatistics, compute_key_second_moments, load_captions, sample_captions
 from .tokens import check_prompt_lengths, subject_token_positions
 
 logger = logging.getLogger(__name__)
-
-STAGE1_FORMAT = "emcid-stage1-v3"
-DEBIAS_TEMPLATES = ("a photo of {}", "an image of {}", "{}")
-"""The paper's stage-1 templates for debiasing."""
-STATISTICS_FORMAT = "emcid-statistics-v1"
-
-
-def _process_state() -> PartialState:
-    """accelerate's view of the processes this run has: one, or those of `accelerate launch`. CPU processes are
-    recognised by `ACCELERATE_USE_CPU=1`, as `accelerate launch --cpu` sets it."""
-    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
 
 
 class EMCIDEditor:
@@ -104,8 +89,8 @@ class EMCIDEditor:
         self.encoders: list[EditedEncoder] = find_edited_encoders(pipe, self.config)
         self.cache = TensorCache(cache_dir)
         self.progress = progress
+        self.statistics = StatisticsStore(self.cache)
         self._fingerprint = ModuleFingerprints()
-        self._statistics: dict[str, KeyStatistics] = {}
 
     @property
     def layout(self) -> TextEncoderLayout:
@@ -151,14 +136,6 @@ class EMCIDEditor:
                 for module, home in zip(modules, homes):
                     module.to(home)
 
-    def _statistics_prefix(self, model_fingerprint: str, layer: int) -> str:
-        """Statistics entries are named `{model}-layer{l}-{positions}-{captions}`, so that a model's entries of the
-        configured positions can be listed."""
-        positions = self.config.statistics_positions
-        if positions == "pipeline":
-            positions += f"{self.config.statistics_padding_weight:g}"
-        return f"{model_fingerprint[:32]}-layer{layer}-{positions}-"
-
     @contextlib.contextmanager
     def _kind_settings(self, kind: str) -> Iterator[None]:
         """Runs with the preset of the paper's runs of `kind` (`KIND_PRESETS`) when the editor was built without a
@@ -197,75 +174,37 @@ class EMCIDEditor:
             {text-encoder component: {layer: C (d_ff, d_ff) float32}}.
         """
         texts = sample_captions(load_captions(captions, column, split), num_samples or self.config.statistics_num_samples)
-        suffix = digest(STATISTICS_FORMAT, digest(texts))[:32]
+        computed = {}
         with self._base_model():
             for encoder in self.encoders:
-                fingerprint = self._encoder_fingerprint(encoder)
-                statistics = self._load_statistics(encoder, fingerprint, suffix)
-                if statistics is None:
-                    covariances, count = compute_key_second_moments(
-                        encoder.layout, encoder.tokenizer, texts, encoder.layers, self.config.statistics_batch_size,
-                        self.progress, self.config.statistics_positions, self.config.statistics_padding_weight,
-                    )
-                    for layer, covariance in covariances.items():
-                        self.cache.save("statistics", self._statistics_prefix(fingerprint, layer) + suffix, {"mom2": covariance},
-                                        {"num_captions": str(len(texts)), "num_tokens": str(count), "layer": str(layer)})
-                    statistics = KeyStatistics(covariances, count, fingerprint)
+                statistics = self.statistics.compute(
+                    encoder.component, encoder.layout, encoder.tokenizer, encoder.layers,
+                    self._encoder_fingerprint(encoder), texts, self.config, self.progress,
+                )
                 message = statistics.rank_deficiency(encoder.layout.intermediate_size)
                 if message:
                     logger.warning("%s: %s", encoder.component, message)
-                self._statistics[encoder.component] = statistics
-        return {component: dict(statistics.covariances) for component, statistics in self._statistics.items()}
-
-    def _load_statistics(self, encoder: EditedEncoder, model_fingerprint: str, caption_set: str) -> KeyStatistics | None:
-        """The cached statistics of one caption set, if every edited layer of `encoder` has them."""
-        entries = {layer: self.cache.load("statistics", self._statistics_prefix(model_fingerprint, layer) + caption_set)
-                   for layer in encoder.layers}
-        if any(entry is None for entry in entries.values()):
-            return None
-        count = min(int(entry[1].get("num_tokens", 0)) for entry in entries.values())
-        return KeyStatistics({layer: entry[0]["mom2"] for layer, entry in entries.items()}, count, model_fingerprint)
-
-    def _statistics_for(self, encoder: EditedEncoder, model_fingerprint: str) -> KeyStatistics:
-        """The statistics of an encoder: from memory, else from the newest cached caption set that covers every
-        edited layer (layers never mix caption sets)."""
-        known = self._statistics.get(encoder.component)
-        if known is not None and known.model_fingerprint == model_fingerprint and set(encoder.layers) <= set(known.covariances):
-            return known
-        newest: dict[str, float] = {}
-        for layer in encoder.layers:
-            prefix = self._statistics_prefix(model_fingerprint, layer)
-            for path in self.cache.find("statistics", prefix):
-                caption_set = path.stem.removeprefix(prefix)
-                newest[caption_set] = max(newest.get(caption_set, 0.0), path.stat().st_mtime)
-        for caption_set in sorted(newest, key=newest.__getitem__, reverse=True):
-            statistics = self._load_statistics(encoder, model_fingerprint, caption_set)
-            if statistics is not None:
-                self._statistics[encoder.component] = statistics
-                return statistics
-        raise ValueError(
-            f"No key statistics for layers {encoder.layers} of this {encoder.component} (from one caption set). Call "
-            "editor.compute_statistics(captions) once with many captions (the paper used 100,000 CCS captions): a "
-            "list of strings, a .txt/.json/.jsonl file, or a dataset name with column='caption'. They are cached "
-            f"under {self.cache.root / 'statistics'} and found again by later runs."
-        )
+                computed[encoder.component] = dict(statistics.covariances)
+        return computed
 
     def _encoder_fingerprint(self, encoder: EditedEncoder) -> str:
-        """What key statistics depend on: the encoder's weights and its tokenizer."""
-        return digest(self._fingerprint(encoder.layout.model), self._tokenizer_digest(encoder))
+        return text_encoder_fingerprint(self._fingerprint, encoder.layout.model, encoder.tokenizer)
+
+    def _statistics_of(self, encoder: EditedEncoder) -> KeyStatistics:
+        return self.statistics.find(encoder.component, encoder.layers, self._encoder_fingerprint(encoder), self.config)
 
     def has_statistics(self) -> bool:
         """Whether key statistics of every edited layer are known (computed or cached) for this model."""
         try:
             for encoder in self.encoders:
-                self._statistics_for(encoder, self._encoder_fingerprint(encoder))
+                self._statistics_of(encoder)
         except ValueError:
             return False
         return True
 
     def _checked_statistics(self) -> dict[str, KeyStatistics]:
         """The statistics of every edited encoder, refused if rank-deficient or numerically singular."""
-        statistics = {e.component: self._statistics_for(e, self._encoder_fingerprint(e)) for e in self.encoders}
+        statistics = {encoder.component: self._statistics_of(encoder) for encoder in self.encoders}
         for encoder in self.encoders:
             statistics[encoder.component].check_rank(encoder.layout.intermediate_size)
             statistics[encoder.component].check_conditioning(encoder.component, self.config.statistics_regularization)
@@ -286,28 +225,12 @@ class EMCIDEditor:
                 check_prompt_lengths(encoder.tokenizer, request.source_prompts + request.destination_prompts)
                 subject_token_positions(encoder.tokenizer, request.source_prompts, request.source)
 
-    def _stage1_key(self, request: ConceptEdit, model_digest: str) -> str:
-        return digest(STAGE1_FORMAT, model_digest, request.fingerprint(), self.config.stage1_settings(self.z_layers))
-
-    def _model_digest(self, fingerprints: dict[str, str]) -> str:
-        """Everything of the model a stage-1 vector depends on: weights, configs, schedulers, tokenizers."""
-        configs = [dict(module.config) for module in (self.pipe.unet, self.pipe.vae, self.pipe.scheduler)]
-        configs = [{k: v for k, v in c.items() if k != "_use_default_values"} for c in configs]  # its order varies
-        encoders = [(e.layout.model.config.to_dict(), self._tokenizer_digest(e)) for e in self.encoders]
-        return digest(fingerprints, configs, type(self.pipe.scheduler).__name__, encoders)
-
-    @staticmethod
-    def _tokenizer_digest(encoder: EditedEncoder) -> str:
-        """How an encoder's tokenizer splits text: its full definition where it has one, else its vocabulary."""
-        backend = getattr(encoder.tokenizer, "backend_tokenizer", None)
-        if backend is None:
-            return digest(sorted(encoder.tokenizer.get_vocab().items()))
-        definition = json.loads(backend.to_str())  # parsed, so that digest sorts its maps (written in hash order)
-        return digest({k: v for k, v in definition.items() if k not in ("truncation", "padding")})  # per-call settings
-
-    def _model_fingerprints(self) -> dict[str, str]:
-        modules = {encoder.component: encoder.layout.model for encoder in self.encoders}
-        return {name: self._fingerprint(module) for name, module in {**modules, "unet": self.pipe.unet, "vae": self.pipe.vae}.items()}
+    def _stage1(self, requests: list[ConceptEdit], device: torch.device) -> list[Stage1Result]:
+        """Stage 1 of every request, from the cache where possible (`stage1_cache.cached_stage1`)."""
+        text_encoders = {encoder.component: (encoder.layout.model, encoder.tokenizer) for encoder in self.encoders}
+        model_digest = pipeline_digest(self.pipe, text_encoders, self._fingerprint)
+        return cached_stage1(self.pipe, self.encoders, requests, self.config, self.cache, model_digest, device,
+                             self.progress)
 
     def edit(self, requests: Iterable[ConceptEdit | tuple[str, str]]) -> ConceptEdits:
         """Computes the edits of all `requests` jointly; the pipeline's weights are not changed.
@@ -332,73 +255,15 @@ class EMCIDEditor:
         requests = canonical_order(as_concept_edits(requests))
         self._check_requests(requests)
         with self._base_model() as device:
-            fingerprints = self._model_fingerprints()
             statistics = self._checked_statistics()
-            results = self._stage1(requests, fingerprints, device)
+            results = self._stage1(requests, device)
             vectors = {e.component: torch.stack([r.vectors[e.component] for r in results]) for e in self.encoders}
-            state = _process_state()
+            state = process_state()
             edits = [self._solve(requests, vectors, statistics) if state.is_main_process else None]
             if state.num_processes > 1:
                 broadcast_object_list(edits, from_process=0)
         edits[0].stage1_losses = [result.losses for result in results]
         return edits[0]
-
-    def _stage1(self, requests: list[ConceptEdit], fingerprints: dict[str, str], device: torch.device) -> list[Stage1Result]:
-        """Stage 1 for every request, from the cache where possible; numerical failures are collected.
-
-        Missing vectors are computed `concept_batch_size` concepts at a time (one at a time in `"reference"` mode)
-        and cached as each batch ends. Under `accelerate launch` with several processes, the missing concepts are
-        shared out between the processes, each caches its own, and all of them then read every vector from the
-        (shared) cache.
-        """
-        model_digest = self._model_digest(fingerprints)
-        keys = [self._stage1_key(request, model_digest) for request in requests]
-        entries = {key: self.cache.load("stage1", key) for key in keys}
-        missing = [(key, request) for key, request in dict(zip(keys, requests)).items() if entries[key] is None]
-        state = _process_state()
-        with state.split_between_processes(missing) as shard:
-            failures = self._compute_stage1(shard, device)
-        if state.num_processes > 1:
-            failures = [failure for part in gather_object([failures]) for failure in part]
-        if failures:
-            raise EMCIDNumericalError(
-                f"Stage 1 failed for {len(failures)} of {len(requests)} concepts (the others are cached, so a rerun "
-                "computes only these):\n- " + "\n- ".join(failures)
-            )
-        entries.update({key: self.cache.load("stage1", key) for key, _ in missing})
-        results = []
-        for key, request in zip(keys, requests):
-            result = Stage1Result.from_tensors(entries[key][0])
-            if self.config.num_steps and result.clamp_hits == len(result.losses):
-                logger.warning(
-                    "Stage 1 of %r -> %r: the norm bound clamp_norm_factor * ||h0|| was hit at every one of %d steps, "
-                    "so the edit is as strong as the bound allows, not as the loss asks. Lower learning_rate (now %g) "
-                    "or raise clamp_norm_factor (now %g).", request.source, request.destination, len(result.losses),
-                    self.config.learning_rate, self.config.clamp_norm_factor,
-                )
-            results.append(result)
-        return results
-
-    def _compute_stage1(self, work: list[tuple[str, ConceptEdit]], device: torch.device) -> list[str]:
-        """Runs stage 1 for `(cache key, request)` pairs in concept batches and caches each vector; returns the
-        messages of the concepts that failed."""
-        noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)  # the model's training noise schedule
-        batch_size = self.config.concept_batch_size if self.config.stage1_mode == "fast" else 1
-        failures: list[str] = []
-        bar = tqdm(total=len(work), desc="EMCID stage 1", unit="concept", disable=not self.progress)
-        for start in range(0, len(work), batch_size):
-            batch = work[start : start + batch_size]
-            results = optimize_concept_vectors(self.pipe, self.encoders, [request for _, request in batch], self.config,
-                                               noise_scheduler, device)
-            for (key, request), result in zip(batch, results):
-                if isinstance(result, EMCIDNumericalError):
-                    failures.append(str(result))
-                    continue
-                self.cache.save("stage1", key, result.to_tensors(), {"source": request.source, "destination": request.destination})
-            bar.update(len(batch))
-            bar.set_postfix_str(f"last: {batch[-1][1].source!r} -> {batch[-1][1].destination!r}")
-        bar.close()
-        return failures
 
     def solve(self, requests: Iterable[ConceptEdit | tuple[str, str]], vectors: dict[str, torch.Tensor]) -> ConceptEdits:
         """Stage 2 alone: writes concepts with known stage-1 vectors into the text encoders' layers.
@@ -525,8 +390,8 @@ class EMCIDEditor:
 
         Per profession, stage 1 runs once per attribute phrase with one seed; the vectors are blended with
         factors tuned by a feedback loop that draws `num_images` images with the blended edit (with the config's
-        image steps, guidance and resolution) and asks `judge` which attribute each shows. All professions' blended vectors then go through one joint stage 2
-        ("mixed" mode): the result is one adapter.
+        image steps, guidance and resolution) and asks `judge` which attribute each shows. All professions' blended
+        vectors then go through one joint stage 2 ("mixed" mode): the result is one adapter.
 
         Args:
             professions: e.g. `["a doctor", "a nurse"]`.
@@ -537,69 +402,20 @@ class EMCIDEditor:
             num_images, prompt_template, tolerance, step, max_iter: the feedback loop's settings.
         """
         if judge is None or not callable(judge):
-            raise TypeError("debias() needs judge=callable(images, phrases) -> probabilities, e.g. clip_zero_shot_judge(model, processor).")
-        if isinstance(professions, str) or not professions:
-            raise TypeError(f"debias() takes a non-empty list of professions, e.g. ['a doctor'], got {professions!r}.")
-        if len(attributes) < 2:
-            raise ValueError(f"debias() balances at least two attributes, got {list(attributes)!r}; e.g. ['a female {{}}', 'a male {{}}'].")
-        if not (isinstance(num_images, int) and num_images > 0 and isinstance(max_iter, int) and max_iter > 0
-                and step > 0 and tolerance >= 0):
-            raise ValueError(
-                f"debias() needs num_images > 0, max_iter > 0, step > 0 and tolerance >= 0; got {num_images}, {max_iter}, "
-                f"{step}, {tolerance}."
+            raise TypeError(
+                "debias() needs judge=callable(images, phrases) -> probabilities, e.g. clip_zero_shot_judge(model, "
+                "processor)."
             )
-        groups = []
-        for profession in professions:
-            seed = int(digest("emcid-debias", profession, list(templates))[:8], 16) & 0x7FFFFFFF
-            phrases = attribute_phrases(profession, attributes)
-            groups.append((profession, seed, phrases,
-                           [ConceptEdit(profession, phrase, tuple(templates), seed) for phrase in phrases]))
-        as_concept_edits([group[3][0] for group in groups])  # one entry per profession
-        every_request = [request for group in groups for request in group[3]]
+        groups = profession_requests(professions, attributes, templates, num_images, tolerance, step, max_iter)
+        every_request = [request for group in groups for request in group.requests]
         self._check_requests(every_request)
         with self._kind_settings("debias"), self._base_model() as device:
-            fingerprints = self._model_fingerprints()
             statistics = self._checked_statistics()
-            results = self._stage1(every_request, fingerprints, device)
-            by_request = dict(zip((r.fingerprint() for r in every_request), results))
-            blended_requests, blended_vectors = [], {e.component: [] for e in self.encoders}
-            for profession, seed, phrases, requests in groups:
-                vectors = {e.component: torch.stack([by_request[r.fingerprint()].vectors[e.component] for r in requests])
-                           for e in self.encoders}
-                representative = ConceptEdit(profession, " / ".join(phrases), tuple(templates), seed)
-
-                def measure(factors: torch.Tensor) -> torch.Tensor:
-                    blend = {c: blend_vectors(v, factors)[None] for c, v in vectors.items()}
-                    probe = self._solve([representative], blend, statistics)
-                    drawer = text_to_image_pipeline(self.pipe)
-                    with self._deltas_in_effect(probe), quiet_progress_bar(drawer):
-                        resolution = image_resolution(self.pipe, self.config)
-                        images = drawer(
-                            prompt_template.format(profession), num_images_per_prompt=num_images,
-                            num_inference_steps=self.config.image_num_inference_steps,
-                            guidance_scale=self.config.image_guidance_scale, height=resolution, width=resolution,
-                            generator=torch.Generator().manual_seed(seed), output_type="pil",
-                        ).images
-                    return judge_ratios(judge, images, phrases)
-
-                search = blend_factors(measure, len(phrases), tolerance, step, max_iter)
-                logger.info("Debias %r: factors %s after %d measurement(s) (converged: %s), ratios %s", profession,
-                            search.factors.tolist(), search.iterations, search.converged, search.ratios.tolist())
-                blended_requests.append(representative)
-                for component, v in vectors.items():
-                    blended_vectors[component].append(blend_vectors(v, search.factors))
-            ordered = canonical_order(blended_requests)
-            rows = [blended_requests.index(r) for r in ordered]
-            stacked = {c: torch.stack(v)[rows] for c, v in blended_vectors.items()}
-            return self._solve(ordered, stacked, statistics)
-
-    @contextlib.contextmanager
-    def _deltas_in_effect(self, edits: ConceptEdits) -> Iterator[None]:
-        """The pipeline computes as if `edits` were applied (through hooks; its weights stay untouched)."""
-        with contextlib.ExitStack() as stack:
-            for encoder in self.encoders:
-                modules = {str(layer): encoder.layout.fc2(layer) for layer in edits.deltas[encoder.component]}
-                offsets = stack.enter_context(low_rank_output_offsets(modules))
-                for layer, delta in edits.deltas[encoder.component].items():
-                    offsets[str(layer)] = (delta.up, delta.down)
-            yield
+            results = self._stage1(every_request, device)
+            vectors = {e.component: torch.stack([r.vectors[e.component] for r in results]) for e in self.encoders}
+            requests, blended = tune_blends(
+                self.pipe, self.encoders, self.config, groups, vectors,
+                lambda requests, vectors: self._solve(requests, vectors, statistics), judge, prompt_template, num_images,
+                tolerance, step, max_iter,
+            )
+            return self._solve(requests, blended, statistics)

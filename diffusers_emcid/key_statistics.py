@@ -29,13 +29,15 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from .config import STATISTICS_POSITIONS, StatisticsPositions
+from .cache import TensorCache, digest
+from .config import STATISTICS_POSITIONS, EMCIDConfig, StatisticsPositions
 from .encoders import TextEncoderLayout, module_device
 from .errors import EMCIDNumericalError
 from .hooks import captured_outputs, run_until_stopped
 from .tokens import tokenize, tokenize_as_pipeline
 
 CaptionSource = Sequence[str] | str | os.PathLike
+STATISTICS_FORMAT = "emcid-statistics-v1"
 MIN_EIGENVALUE_FRACTION = 1e-8
 """Key statistics are refused when a layer's C has an eigenvalue below this fraction of its mean eigenvalue
 (trace / d_ff), or a negative one: C is then numerically singular (it is accumulated in float32, whose rounding
@@ -233,3 +235,92 @@ def compute_key_second_moments(
             covariance += padding_weight * padding_sums[layer] / padding_count
         covariances[layer] = covariance.cpu()
     return covariances, count + padding_count
+
+
+class StatisticsStore:
+    """Key statistics kept on disk in a `TensorCache` and in memory per text-encoder component.
+
+    Entries are named `{model}-layer{l}-{positions}-{caption set}`, one per layer, so that the entries of a model and
+    positions mode can be listed; a text encoder's statistics always come from one caption set for all its layers.
+    """
+
+    def __init__(self, cache: TensorCache) -> None:
+        self.cache = cache
+        self.known: dict[str, KeyStatistics] = {}
+
+    @staticmethod
+    def caption_set(captions: list[str]) -> str:
+        """The name of a caption set in cache keys."""
+        return digest(STATISTICS_FORMAT, digest(captions))[:32]
+
+    @staticmethod
+    def _prefix(model_fingerprint: str, layer: int, config: EMCIDConfig) -> str:
+        positions = config.statistics_positions
+        if positions == "pipeline":
+            positions += f"{config.statistics_padding_weight:g}"
+        return f"{model_fingerprint[:32]}-layer{layer}-{positions}-"
+
+    def compute(
+        self,
+        component: str,
+        layout: TextEncoderLayout,
+        tokenizer: PreTrainedTokenizerBase,
+        layers: Sequence[int],
+        model_fingerprint: str,
+        captions: list[str],
+        config: EMCIDConfig,
+        progress: bool = True,
+    ) -> KeyStatistics:
+        """The statistics of `captions` for `layers` of one text encoder: from the cache, else computed and cached."""
+        caption_set = self.caption_set(captions)
+        statistics = self._load(layers, model_fingerprint, caption_set, config)
+        if statistics is None:
+            covariances, count = compute_key_second_moments(
+                layout, tokenizer, captions, layers, config.statistics_batch_size, progress,
+                config.statistics_positions, config.statistics_padding_weight,
+            )
+            for layer, covariance in covariances.items():
+                self.cache.save("statistics", self._prefix(model_fingerprint, layer, config) + caption_set,
+                                {"mom2": covariance},
+                                {"num_captions": str(len(captions)), "num_tokens": str(count), "layer": str(layer)})
+            statistics = KeyStatistics(covariances, count, model_fingerprint)
+        self.known[component] = statistics
+        return statistics
+
+    def _load(self, layers: Sequence[int], model_fingerprint: str, caption_set: str,
+              config: EMCIDConfig) -> KeyStatistics | None:
+        """The cached statistics of one caption set, if every layer has them."""
+        entries = {layer: self.cache.load("statistics", self._prefix(model_fingerprint, layer, config) + caption_set)
+                   for layer in layers}
+        if any(entry is None for entry in entries.values()):
+            return None
+        count = min(int(entry[1].get("num_tokens", 0)) for entry in entries.values())
+        return KeyStatistics({layer: entry[0]["mom2"] for layer, entry in entries.items()}, count, model_fingerprint)
+
+    def find(self, component: str, layers: Sequence[int], model_fingerprint: str, config: EMCIDConfig) -> KeyStatistics:
+        """The statistics of a text encoder: from memory, else from the newest cached caption set that covers every
+        layer (layers never mix caption sets).
+
+        Raises:
+            ValueError: if there are none, saying how to compute them.
+        """
+        known = self.known.get(component)
+        if known is not None and known.model_fingerprint == model_fingerprint and set(layers) <= set(known.covariances):
+            return known
+        newest: dict[str, float] = {}
+        for layer in layers:
+            prefix = self._prefix(model_fingerprint, layer, config)
+            for path in self.cache.find("statistics", prefix):
+                caption_set = path.stem.removeprefix(prefix)
+                newest[caption_set] = max(newest.get(caption_set, 0.0), path.stat().st_mtime)
+        for caption_set in sorted(newest, key=newest.__getitem__, reverse=True):
+            statistics = self._load(layers, model_fingerprint, caption_set, config)
+            if statistics is not None:
+                self.known[component] = statistics
+                return statistics
+        raise ValueError(
+            f"No key statistics for layers {list(layers)} of this {component} (from one caption set). Call "
+            "editor.compute_statistics(captions) once with many captions (the paper used 100,000 CCS captions): a "
+            "list of strings, a .txt/.json/.jsonl file, or a dataset name with column='caption'. They are cached "
+            f"under {self.cache.root / 'statistics'} and found again by later runs."
+        )

@@ -11,7 +11,7 @@ import sys
 
 from accelerate import PartialState
 
-import diffusers_emcid.editor as editor_module
+import diffusers_emcid.stage1_cache as stage1_cache_module
 from diffusers_emcid import EMCIDConfig, EMCIDEditor
 from diffusers_emcid.testing import tiny_sd_pipeline
 
@@ -23,13 +23,13 @@ REQUESTS = [("dog", "cat"), ("apple", "banana"), ("car", "tree"), ("house", "cir
 def main() -> None:
     cache_dir, out_dir, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
     runs = []
-    optimize = editor_module.optimize_concept_vectors
+    optimize = stage1_cache_module.optimize_concept_vectors
 
     def counted(*args, **kwargs):
         runs.extend(request.source for request in args[2])
         return optimize(*args, **kwargs)
 
-    editor_module.optimize_concept_vectors = counted
+    stage1_cache_module.optimize_concept_vectors = counted
     pipe = tiny_sd_pipeline(seed=0)
     # one concept per batch, so that a killed run resumes with batches like the first run's, for a bitwise equal result
     config = EMCIDConfig.from_preset("sd1-paper", num_steps=steps, image_num_inference_steps=2, concept_batch_size=1)

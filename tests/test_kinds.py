@@ -209,7 +209,7 @@ def test_sdxl_stage_1_conditions_the_unet_with_both_encoders_and_the_time_ids(sd
 
 
 def test_sdxl_paper_draws_at_the_pipelines_size_and_trains_at_half_of_it(sdxl):
-    from diffusers_emcid.stage1 import image_resolution, training_images
+    from diffusers_emcid.images import image_resolution, training_images
 
     pipe, editor = sdxl
     assert EMCIDConfig.from_preset("sdxl-paper").image_training_scale == 0.5  # 1024 -> 512 on SD-XL
@@ -282,6 +282,7 @@ class StopAfterRecording(Exception):
 
 def test_a_default_editor_runs_debias_and_rectify_with_the_settings_of_the_papers_runs(tmp_path, monkeypatch):
     import diffusers_emcid.editor as editor_module
+    import diffusers_emcid.stage1_cache as stage1_cache_module
     from diffusers_emcid.stage1 import Stage1Result
     from diffusers_emcid.testing import random_captions, tiny_sd_pipeline
 
@@ -301,7 +302,7 @@ def test_a_default_editor_runs_debias_and_rectify_with_the_settings_of_the_paper
         used.append(("stage 2", args[7]))  # alpha
         raise StopAfterRecording
 
-    monkeypatch.setattr(editor_module, "optimize_concept_vectors", record_stage1)
+    monkeypatch.setattr(stage1_cache_module, "optimize_concept_vectors", record_stage1)
     monkeypatch.setattr(editor_module, "compute_stage2_deltas", record_stage2)
     with pytest.raises(StopAfterRecording):
         editor.rectify([ConceptEdit("dog", "real dog", images=[torch.rand(3, 16, 16)] * 3)])

@@ -93,9 +93,9 @@ def test_rank_deficient_statistics_are_refused_before_stage_1(pipe, fast_config,
 
 
 def test_a_diverging_concept_is_reported_and_the_others_are_kept(editor, pipe, monkeypatch):
-    import diffusers_emcid.editor as editor_module
+    import diffusers_emcid.stage1_cache as stage1_cache_module
 
-    optimize = editor_module.optimize_concept_vectors
+    optimize = stage1_cache_module.optimize_concept_vectors
 
     def poison(module, args, output):  # the UNet's rows of 'apple' (sorted first, 3 prompts) in the stage-1 steps
         sample = output[0] if isinstance(output, tuple) else output.sample
@@ -115,7 +115,7 @@ def test_a_diverging_concept_is_reported_and_the_others_are_kept(editor, pipe, m
     stage1 = list((editor.cache.root / "stage1").glob("*.safetensors"))
     assert len(stage1) == 1, "the healthy concept should be cached, the diverged one not"
     runs = []
-    monkeypatch.setattr(editor_module, "optimize_concept_vectors",
+    monkeypatch.setattr(stage1_cache_module, "optimize_concept_vectors",
                         lambda *a, **k: runs.extend(r.source for r in a[2]) or optimize(*a, **k))
     edits = editor.edit([("apple", "banana"), ("dog", "cat")])
     assert runs == ["apple"]

@@ -5,7 +5,8 @@ import torch
 from diffusers import DDPMScheduler
 
 from diffusers_emcid import ConceptEdit, EMCIDEditor
-from diffusers_emcid.stage1 import optimize_concept_vectors, training_images
+from diffusers_emcid.images import training_images
+from diffusers_emcid.stage1 import optimize_concept_vectors
 from diffusers_emcid.testing import tiny_sd_pipeline
 
 from .conftest import CAPTIONS

@@ -7,7 +7,8 @@ import torch
 from diffusers import DDPMScheduler
 
 from diffusers_emcid import ConceptEdit, EMCIDConfig, EMCIDEditor
-from diffusers_emcid.stage1 import _encode, _tokenize_alike, optimize_concept_vectors
+from diffusers_emcid.conditioning import encode_prompts, tokenize_alike
+from diffusers_emcid.stage1 import optimize_concept_vectors
 from diffusers_emcid.hooks import captured_outputs, run_until_stopped
 from diffusers_emcid.testing import tiny_sd2_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline
 from diffusers_emcid.tokens import subject_token_positions
@@ -75,7 +76,7 @@ def test_cached_prefix_gives_the_full_forwards_outputs_and_gradients(make_pipe):
     editor = EMCIDEditor(pipe, EMCIDConfig(layers=[1, 2]), progress=False)  # z layer 2: layers 3.. run per step
     prompts = ["a photo of dog", "dog on a street by a house", "an image of dog"]
     encoders = editor.encoders
-    batches = _tokenize_alike(encoders, prompts)
+    batches = tokenize_alike(encoders, prompts)
     positions = [torch.tensor(subject_token_positions(e.tokenizer, prompts, "dog")) for e in encoders]
     generator = torch.Generator().manual_seed(0)
     probes = None
@@ -92,9 +93,9 @@ def test_cached_prefix_gives_the_full_forwards_outputs_and_gradients(make_pipe):
                 with torch.no_grad(), captured_outputs({"z": z_module}, stop_at=z_module) as captured:
                     run_until_stopped(encoder.layout.model, input_ids=batch.input_ids, attention_mask=batch.attention_mask)
                 states.append(captured["z"].index_put((rows, position), delta.expand(len(prompts), -1), accumulate=True))
-            conditioning = _encode(encoders, batches, states=states)
+            conditioning = encode_prompts(encoders, batches, states=states)
         else:
-            conditioning = _encode(encoders, batches, deltas=[d.expand(len(prompts), -1) for d in deltas],
+            conditioning = encode_prompts(encoders, batches, deltas=[d.expand(len(prompts), -1) for d in deltas],
                                    positions=positions)
         outputs = [conditioning.hidden, *conditioning.pooled]
         if probes is None:

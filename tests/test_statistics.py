@@ -162,7 +162,7 @@ def test_layers_never_mix_caption_sets(pipe, fast_config, tmp_path):
         editor.edit([("dog", "cat")])
     full = EMCIDEditor(pipe, fast_config, cache_dir=tmp_path, progress=False).compute_statistics(CAPTIONS)["text_encoder"]
     fresh = EMCIDEditor(pipe, fast_config, cache_dir=tmp_path, progress=False)
-    found = fresh._statistics_for(fresh.encoders[0], fresh._encoder_fingerprint(fresh.encoders[0]))
+    found = fresh._statistics_of(fresh.encoders[0])
     assert all(torch.equal(found.covariances[layer], full[layer]) for layer in full)
 
 

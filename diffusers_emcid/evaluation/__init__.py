@@ -2,7 +2,8 @@
 
 from .drift import conditioning_change, pipeline_conditioning
 from .judges import ImageClassifierJudge, Judge, concept_labels, concept_probability
-from .metrics import GROUPS, EditEvaluation, EvaluationPrompt, draw_images, draw_prompt_images, evaluate_edits, load_evaluation_prompts, summarize
+from ..images import draw_images, draw_prompt_images
+from .metrics import GROUPS, EditEvaluation, EvaluationPrompt, evaluate_edits, load_evaluation_prompts, summarize
 
 __all__ = [
     "GROUPS",

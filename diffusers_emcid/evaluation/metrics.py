@@ -20,12 +20,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence
 
-import torch
 from diffusers import DiffusionPipeline
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from ..edits import ConceptEdits
+from ..images import draw_prompt_images
 from .judges import Judge, concept_labels, concept_probability
 
 Group = Literal["efficacy", "generality", "alias", "specificity"]
@@ -135,42 +135,6 @@ def load_evaluation_prompts(path: str | os.PathLike) -> list[EvaluationPrompt]:
     if not prompts:
         raise ValueError(f"{path} holds no evaluation prompts.")
     return prompts
-
-
-def draw_images(pipe: DiffusionPipeline, prompt: str, seed: int, num_images: int, **sampling: object) -> list[Image.Image]:
-    """`num_images` images of `prompt`, image i drawn with `torch.Generator().manual_seed(seed + i)`."""
-    return draw_prompt_images(pipe, [(prompt, seed)], num_images, images_per_call=num_images, **sampling)[0]
-
-
-@torch.inference_mode()
-def draw_prompt_images(
-    pipe: DiffusionPipeline,
-    prompts: Sequence[tuple[str, int]],
-    num_images: int,
-    images_per_call: int = 8,
-    progress: tqdm | None = None,
-    **sampling: object,
-) -> list[list[Image.Image]]:
-    """`num_images` images of each `(prompt, seed)`, image i drawn with `torch.Generator().manual_seed(seed + i)`.
-
-    The images of all prompts are drawn together, `images_per_call` to a pipeline call; each image's latents come
-    from its own generator, so an image does not depend on the others in its call.
-
-    Args:
-        progress: a progress bar advanced by the number of images drawn.
-
-    Returns:
-        Per prompt, its `num_images` images.
-    """
-    jobs = [(prompt, seed + i) for prompt, seed in prompts for i in range(num_images)]
-    images: list[Image.Image] = []
-    for start in range(0, len(jobs), images_per_call):
-        chunk = jobs[start : start + images_per_call]
-        generators = [torch.Generator().manual_seed(seed) for _, seed in chunk]
-        images += pipe([prompt for prompt, _ in chunk], generator=generators, output_type="pil", **sampling).images
-        if progress is not None:
-            progress.update(len(chunk))
-    return [images[index : index + num_images] for index in range(0, len(images), num_images)]
 
 
 def evaluate_edits(
