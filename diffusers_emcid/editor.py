@@ -6,40 +6,29 @@ import contextlib
 import dataclasses
 import logging
 import os
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable
 
 import torch
 from accelerate.utils import broadcast_object_list
 from diffusers import DiffusionPipeline
-from peft.tuners.tuners_utils import BaseTunerLayer
 
 from .cache import ModuleFingerprints, TensorCache, pipeline_digest, text_encoder_fingerprint
-from .config import DEFAULT_PRESETS, KIND_PRESETS, EMCIDConfig
-from .debias import (
-    DEBIAS_TEMPLATES,
-    DEFAULT_MAX_ITER,
-    DEFAULT_NUM_IMAGES,
-    DEFAULT_PROMPT_TEMPLATE,
-    DEFAULT_STEP,
-    DEFAULT_TOLERANCE,
-    JudgeFn,
-    profession_requests,
-    tune_blends,
-)
+from .config import DEFAULT_PRESETS, EMCIDConfig
 from .edits import ConceptEdits, base_weights_fingerprint
-from .encoders import EditedEncoder, TextEncoderLayout, find_edited_encoders, module_device, pipeline_family
-from .hooks import adapters_disabled, frozen
+from .encoders import EditedEncoder, TextEncoderLayout, check_editable_pipeline, find_edited_encoders, pipeline_family
+from .hooks import base_networks
 from .key_statistics import CaptionSource, KeyStatistics, StatisticsStore, load_captions, sample_captions
-from .requests import DEFAULT_TEMPLATES, ConceptEdit, as_concept_edits, canonical_order, load_image
+from .kinds import ConceptKindsMixin
+from .requests import ConceptEdit, as_concept_edits, canonical_order
 from .stage1 import Stage1Result
 from .stage1_cache import cached_stage1, process_state
 from .stage2 import compute_stage2_deltas
-from .tokens import check_prompt_lengths, subject_token_positions
+from .tokens import check_requests
 
 logger = logging.getLogger(__name__)
 
 
-class EMCIDEditor:
+class EMCIDEditor(ConceptKindsMixin):
     """Edits concepts of a Stable Diffusion pipeline's text encoder(s) with EMCID.
 
     The pipeline is never modified: `edit` returns `ConceptEdits`, which `ConceptEdits.apply` adds to
@@ -72,17 +61,7 @@ class EMCIDEditor:
         cache_dir: str | os.PathLike | None = None,
         progress: bool = True,
     ) -> None:
-        missing = [name for name in ("text_encoder", "tokenizer", "unet", "vae", "scheduler") if getattr(pipe, name, None) is None]
-        if missing:
-            raise ValueError(
-                f"{type(pipe).__name__} lacks {missing}; EMCID edits Stable Diffusion 1.x/2.x and SD-XL pipelines."
-            )
-        if pipe.unet.config.in_channels != 4:
-            raise ValueError(
-                f"{type(pipe).__name__}'s UNet takes {pipe.unet.config.in_channels} input channels (an inpainting "
-                "checkpoint); EMCID trains through a text-to-image UNet. Edit the text-to-image model of the same base, "
-                "then load the edits into this pipeline with load_concept_edits(..., force=True)."
-            )
+        check_editable_pipeline(pipe)
         self.pipe = pipe
         self.config = config if config is not None else EMCIDConfig.from_preset(DEFAULT_PRESETS[pipeline_family(pipe)])
         self._default_config = None if config is not None else dataclasses.replace(self.config)
@@ -111,46 +90,12 @@ class EMCIDEditor:
     def z_layers(self) -> dict[str, int]:
         return {encoder.component: encoder.z_layer for encoder in self.encoders}
 
-    # ---------------------------------------------------------------- shared plumbing
-
-    @contextlib.contextmanager
-    def _base_model(self) -> Iterator[torch.device]:
+    def _base_model(self) -> contextlib.AbstractContextManager[torch.device]:
         """The pipeline's networks frozen, with adapters off, on the work device; all restored afterwards."""
         modules = [encoder.layout.model for encoder in self.encoders] + [self.pipe.unet, self.pipe.vae]
         extras = [getattr(self.pipe, name, None) for name in ("safety_checker", "image_encoder")]
         modules += [module for module in extras if isinstance(module, torch.nn.Module)]  # they run in image generation
-        fused = [name for m in modules for name, layer in m.named_modules() if isinstance(layer, BaseTunerLayer) and layer.merged]
-        if fused:
-            raise ValueError(
-                f"The pipeline has fused LoRA weights (e.g. {fused[0]}); EMCID edits the base model. Call "
-                "pipe.unfuse_lora() (or unfuse_concept_edits()) first."
-            )
-        homes = [module_device(m) for m in modules]
-        device = torch.device(self.config.device) if self.config.device else homes[0]
-        with frozen(*modules), adapters_disabled(*modules):  # frozen outermost: it restores what PEFT's toggles change
-            try:
-                for module in modules:
-                    module.to(device)
-                yield device
-            finally:
-                for module, home in zip(modules, homes):
-                    module.to(home)
-
-    @contextlib.contextmanager
-    def _kind_settings(self, kind: str) -> Iterator[None]:
-        """Runs with the preset of the paper's runs of `kind` (`KIND_PRESETS`) when the editor was built without a
-        config and its config is unchanged; with the editor's own config otherwise."""
-        name = KIND_PRESETS[pipeline_family(self.pipe)].get(kind)
-        if name is None or self._default_config is None or self.config != self._default_config:
-            yield
-            return
-        previous = self.config, self.encoders
-        self.config = EMCIDConfig.from_preset(name)
-        self.encoders = find_edited_encoders(self.pipe, self.config)
-        try:
-            yield
-        finally:
-            self.config, self.encoders = previous
+        return base_networks(modules, self.config.device)
 
     # ---------------------------------------------------------------- statistics
 
@@ -213,17 +158,7 @@ class EMCIDEditor:
     # ---------------------------------------------------------------- editing
 
     def _check_requests(self, requests: list[ConceptEdit]) -> None:
-        """Fails fast on prompts the tokenizers cannot place, and on images that cannot be read."""
-        for request in requests:
-            for image in request.images or ():
-                try:
-                    load_image(image)
-                except (OSError, ValueError) as error:
-                    raise ValueError(f"ConceptEdit({request.source!r}): image {str(image)[:80]!r} cannot be used: {error}") from error
-        for encoder in self.encoders:
-            for request in requests:
-                check_prompt_lengths(encoder.tokenizer, request.source_prompts + request.destination_prompts)
-                subject_token_positions(encoder.tokenizer, request.source_prompts, request.source)
+        check_requests(requests, [encoder.tokenizer for encoder in self.encoders])
 
     def _stage1(self, requests: list[ConceptEdit], device: torch.device) -> list[Stage1Result]:
         """Stage 1 of every request, from the cache where possible (`stage1_cache.cached_stage1`)."""
@@ -324,98 +259,3 @@ class EMCIDEditor:
             base_model=getattr(self.pipe, "name_or_path", None) or None,
             base_fingerprints={e.component: base_weights_fingerprint(e.layout, e.layers) for e in self.encoders},
         )
-
-    # ---------------------------------------------------------------- the paper's kinds of edit
-
-    def erase(
-        self,
-        sources: Sequence[str],
-        destination: str = "art",
-        templates: Sequence[str] | None = None,
-        seed: int | None = None,
-    ) -> ConceptEdits:
-        """Erases concepts (styles, objects, words) by editing them towards a generic `destination`.
-
-        Erasing is an edit like any other: for artist styles the paper uses destination "art", the templates
-        "painting by {}", "artwork by {}", "style of {}" and the `"sd1-artists"` preset; `""` or `" "` erase
-        towards an (almost) unconditional prompt.
-
-        Args:
-            sources: the concepts to erase, all in one call.
-            destination: what they become.
-            templates: prompt templates; the paper's object templates by default.
-            seed: one seed for every source (default: each request's stable hash).
-        """
-        if isinstance(sources, str):
-            raise TypeError(f"erase() takes a list of sources, e.g. [{sources!r}].")
-        return self.edit([
-            ConceptEdit(source, destination, tuple(templates) if templates is not None else DEFAULT_TEMPLATES, seed)
-            for source in sources
-        ])
-
-    def rectify(self, requests: Iterable[ConceptEdit | tuple[str, str]], text_alignment: bool | None = None) -> ConceptEdits:
-        """Rectifies concepts the model draws wrongly, learning from real images of the destination.
-
-        Requests with `images` are trained against the true noise of those images (`use_real_noise`)
-        instead of the frozen model's prediction for the destination; requests without images are plain
-        edits.
-
-        Args:
-            requests: typically `ConceptEdit(source="tench", destination="real tench", images=[...])`.
-            text_alignment: if given, overrides each request's text-alignment switch (the paper turns it off for
-                classes the model cannot draw at all).
-        """
-        rectified = []
-        for request in as_concept_edits(requests):
-            changes = {"use_real_noise": request.images is not None}
-            if text_alignment is not None:
-                changes["text_alignment"] = text_alignment
-            rectified.append(dataclasses.replace(request, **changes))
-        with self._kind_settings("rectify"):
-            return self.edit(rectified)
-
-    def debias(
-        self,
-        professions: Sequence[str],
-        attributes: Sequence[str] = ("a female {}", "a male {}"),
-        judge: JudgeFn | None = None,
-        templates: Sequence[str] = DEBIAS_TEMPLATES,
-        num_images: int = DEFAULT_NUM_IMAGES,
-        prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
-        tolerance: float = DEFAULT_TOLERANCE,
-        step: float = DEFAULT_STEP,
-        max_iter: int = DEFAULT_MAX_ITER,
-    ) -> ConceptEdits:
-        """Balances attributes (e.g. gender) in the images of professions; see `diffusers_emcid.debias`.
-
-        Per profession, stage 1 runs once per attribute phrase with one seed; the vectors are blended with
-        factors tuned by a feedback loop that draws `num_images` images with the blended edit (with the config's
-        image steps, guidance and resolution) and asks `judge` which attribute each shows. All professions' blended
-        vectors then go through one joint stage 2 ("mixed" mode): the result is one adapter.
-
-        Args:
-            professions: e.g. `["a doctor", "a nurse"]`.
-            attributes: attribute templates, filled with the profession without its article.
-            judge: `judge(images, phrases) -> (num_images, n) probabilities`, e.g. `clip_zero_shot_judge(model,
-                processor)` with a CLIP model you have.
-            templates: the stage-1 prompt templates (the paper's debiasing templates by default).
-            num_images, prompt_template, tolerance, step, max_iter: the feedback loop's settings.
-        """
-        if judge is None or not callable(judge):
-            raise TypeError(
-                "debias() needs judge=callable(images, phrases) -> probabilities, e.g. clip_zero_shot_judge(model, "
-                "processor)."
-            )
-        groups = profession_requests(professions, attributes, templates, num_images, tolerance, step, max_iter)
-        every_request = [request for group in groups for request in group.requests]
-        self._check_requests(every_request)
-        with self._kind_settings("debias"), self._base_model() as device:
-            statistics = self._checked_statistics()
-            results = self._stage1(every_request, device)
-            vectors = {e.component: torch.stack([r.vectors[e.component] for r in results]) for e in self.encoders}
-            requests, blended = tune_blends(
-                self.pipe, self.encoders, self.config, groups, vectors,
-                lambda requests, vectors: self._solve(requests, vectors, statistics), judge, prompt_template, num_images,
-                tolerance, step, max_iter,
-            )
-            return self._solve(requests, blended, statistics)

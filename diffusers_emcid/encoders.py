@@ -87,6 +87,19 @@ def find_text_encoder_layout(text_encoder: nn.Module, component: str = "text_enc
     raise ValueError(f"No CLIPEncoder found inside the pipeline's {component} ({type(text_encoder).__name__}).")
 
 
+def check_editable_pipeline(pipe: object) -> None:
+    """Raises `ValueError` for pipelines EMCID cannot train through: components missing, or an inpainting UNet."""
+    missing = [name for name in ("text_encoder", "tokenizer", "unet", "vae", "scheduler") if getattr(pipe, name, None) is None]
+    if missing:
+        raise ValueError(f"{type(pipe).__name__} lacks {missing}; EMCID edits Stable Diffusion 1.x/2.x and SD-XL pipelines.")
+    if pipe.unet.config.in_channels != 4:
+        raise ValueError(
+            f"{type(pipe).__name__}'s UNet takes {pipe.unet.config.in_channels} input channels (an inpainting "
+            "checkpoint); EMCID trains through a text-to-image UNet. Edit the text-to-image model of the same base, "
+            "then load the edits into this pipeline with load_concept_edits(..., force=True)."
+        )
+
+
 def module_device(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 

@@ -163,3 +163,28 @@ def adapters_disabled(*modules: nn.Module) -> Iterator[None]:
     finally:
         for layer, disabled in states:
             layer.enable_adapters(not disabled)
+
+
+@contextlib.contextmanager
+def base_networks(modules: list[nn.Module], device: str | torch.device | None = None) -> Iterator[torch.device]:
+    """`modules` frozen, with their adapters off, on `device` (default: the first module's); all restored afterwards.
+
+    Raises:
+        ValueError: if a module has fused LoRA weights, which would make its base weights the edited ones.
+    """
+    fused = [name for m in modules for name, layer in m.named_modules() if isinstance(layer, BaseTunerLayer) and layer.merged]
+    if fused:
+        raise ValueError(
+            f"The pipeline has fused LoRA weights (e.g. {fused[0]}); EMCID edits the base model. Call "
+            "pipe.unfuse_lora() (or unfuse_concept_edits()) first."
+        )
+    homes = [next(module.parameters()).device for module in modules]
+    work_device = torch.device(device) if device else homes[0]
+    with frozen(*modules), adapters_disabled(*modules):  # frozen outermost: it restores what PEFT's toggles change
+        try:
+            for module in modules:
+                module.to(work_device)
+            yield work_device
+        finally:
+            for module, home in zip(modules, homes):
+                module.to(home)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from .requests import ConceptEdit, load_image
+
 
 @dataclass
 class TokenizedPrompts:
@@ -108,3 +110,21 @@ def subject_token_positions(tokenizer: PreTrainedTokenizerBase, prompts: list[st
             raise ValueError(f"The source {subject!r} of prompt {prompt!r} lies past the tokenizer's length limit.")
         positions.append(position)
     return positions
+
+
+def check_requests(requests: list[ConceptEdit], tokenizers: list[PreTrainedTokenizerBase]) -> None:
+    """Fails fast, before any heavy work, on prompts a tokenizer cannot place and on images that cannot be read.
+
+    Raises:
+        ValueError: naming the request and the problem.
+    """
+    for request in requests:
+        for image in request.images or ():
+            try:
+                load_image(image)
+            except (OSError, ValueError) as error:
+                raise ValueError(f"ConceptEdit({request.source!r}): image {str(image)[:80]!r} cannot be used: {error}") from error
+    for tokenizer in tokenizers:
+        for request in requests:
+            check_prompt_lengths(tokenizer, request.source_prompts + request.destination_prompts)
+            subject_token_positions(tokenizer, request.source_prompts, request.source)
