@@ -8,19 +8,22 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import os
 import sys
+import typing
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline
 
-from .config import DEFAULT_PRESETS, EMCIDConfig
+from .config import EMCIDConfig, LayerSpec, Stage
 from .demo import DEMO_NUM_IMAGES, run_demo
 from .editor import EMCIDEditor
 from .edits import ConceptEdits
-from .encoders import pipeline_family
+from .families import pipeline_family
 from .errors import ConceptEditsLoadError, EMCIDNumericalError
 from .evaluation import ImageClassifierJudge, evaluate_edits, load_evaluation_prompts
 from .key_statistics import load_captions
@@ -32,6 +35,15 @@ SHAPES_MODEL = "shapes"
 """`--model shapes` names the small shapes pipeline the package ships."""
 SHAPES_PRESET = "shapes-demo"
 """The preset of edits on the shapes model."""
+OWN_OPTIONS = ("preset", "device", "dtype")
+"""`EMCIDConfig` fields with options of their own: `--preset` picks the preset, `--device` and `--dtype` also load the
+model. Every other field has an option derived from its type and `metadata["help"]`."""
+STAGE_TITLES: dict[Stage, str] = {
+    "stage1": "stage 1 (one vector per concept)",
+    "stage2": "stage 2 (the closed-form update)",
+    "statistics": "key statistics",
+    "run": "runtime",
+}
 
 
 class CommandError(Exception):
@@ -82,12 +94,68 @@ def load_pipeline(model: str, device: str | None, dtype: str | None) -> Diffusio
     return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
+def parse_layers(value: str) -> LayerSpec:
+    """A layer spec from the command line: a `start:stop` slice, or comma-separated indices."""
+    if ":" in value:
+        return value
+    try:
+        return [int(index) for index in value.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is neither a 'start:stop' slice nor comma-separated layer indices"
+        ) from None
+
+
+def optional(parse: type) -> Callable[[str], Any]:
+    """`parse`, but `none` (any case) gives `None`."""
+
+    def parse_optional(value: str) -> Any:
+        return None if value.lower() == "none" else parse(value)
+
+    parse_optional.__name__ = parse.__name__  # argparse names the type in its errors
+    return parse_optional
+
+
+def option_kwargs(hint: Any) -> dict[str, Any]:
+    """The `add_argument` keywords that parse a value of a config field's type `hint`."""
+    if hint == LayerSpec:
+        return {"type": parse_layers, "metavar": "LAYERS"}
+    if typing.get_origin(hint) is typing.Literal:
+        return {"choices": typing.get_args(hint)}
+    if hint in (int, float, str):
+        return {"type": hint}
+    args = typing.get_args(hint)
+    if len(args) == 2 and type(None) in args:
+        (inner,) = set(args) - {type(None)}
+        if inner in (int, float, str):
+            return {"type": optional(inner)}
+    raise TypeError(f"the command line cannot parse an EMCIDConfig field of type {hint!r}")
+
+
+def add_config_options(parser: argparse.ArgumentParser) -> None:
+    """Adds an option per `EMCIDConfig` field but `OWN_OPTIONS`, grouped by stage; one not given is left out of the
+    namespace, so that the preset's value holds."""
+    hints = typing.get_type_hints(EMCIDConfig)
+    groups = {stage: parser.add_argument_group(f"{title} settings") for stage, title in STAGE_TITLES.items()}
+    for config_field in dataclasses.fields(EMCIDConfig):
+        if config_field.name not in OWN_OPTIONS:
+            groups[config_field.metadata["stage"]].add_argument(
+                f"--{config_field.name.replace('_', '-')}",
+                default=argparse.SUPPRESS,
+                help=config_field.metadata["help"].replace("%", "%%"),
+                **option_kwargs(hints[config_field.name]),
+            )
+
+
 def make_config(args: argparse.Namespace, pipe) -> EMCIDConfig:
-    overrides = {name: getattr(args, name) for name in ("num_steps", "concept_batch_size", "statistics_num_samples")
-                 if getattr(args, name, None) is not None}
+    overrides = {
+        config_field.name: getattr(args, config_field.name)
+        for config_field in dataclasses.fields(EMCIDConfig)
+        if config_field.name not in OWN_OPTIONS and hasattr(args, config_field.name)
+    }
     if getattr(args, "dtype", None) in ("float16", "bfloat16"):
         overrides["dtype"] = args.dtype
-    preset = args.preset or (SHAPES_PRESET if args.model == SHAPES_MODEL else DEFAULT_PRESETS[pipeline_family(pipe)])
+    preset = args.preset or (SHAPES_PRESET if args.model == SHAPES_MODEL else pipeline_family(pipe).default_preset)
     return EMCIDConfig.from_preset(preset, **overrides)
 
 
@@ -169,11 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
                          help="precision to load the model in (stage 1 then autocasts to it)")
 
     def add_editing(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument("--preset", default=None, help="EMCID preset (default: the family's paper preset)")
-        sub.add_argument("--num-steps", type=int, default=None, help="stage-1 steps per concept")
-        sub.add_argument("--concept-batch-size", type=int, default=None, help="concepts optimised together")
-        sub.add_argument("--statistics-num-samples", type=int, default=None, help="captions used for the key statistics")
+        sub.add_argument("--preset", default=None,
+                         help="EMCID preset (default: the family's paper preset); the settings below override it, "
+                              "'none' clears an optional one, and a value that starts with '-' follows a '=' "
+                              "(--layers=-5:-1)")
         sub.add_argument("--cache-dir", default=None, help="cache of stage-1 vectors and statistics (default: $EMCID_CACHE)")
+        add_config_options(sub)
 
     demo = add("demo", "edit 'circle' -> 'square' in the bundled shapes model, offline, and show the before/after", command_demo)
     demo.add_argument("--out", default="demo", help="folder for before_after.png and the metrics (default: demo)")

@@ -16,6 +16,8 @@ StatisticsPositions = Literal["paper", "pipeline"]
 STATISTICS_POSITIONS: tuple[str, ...] = ("paper", "pipeline")
 """Which caption positions the key statistics cover; see `key_statistics`."""
 LayerSpec = str | Sequence[int]
+Stage = Literal["stage1", "stage2", "statistics", "run"]
+"""The part of a run a field of `EMCIDConfig` belongs to, its `metadata["stage"]`."""
 
 
 def resolve_layers(spec: LayerSpec, num_layers: int) -> list[int]:
@@ -71,117 +73,332 @@ def resolve_edit_layers(spec: LayerSpec, z_layer: int | None, num_layers: int) -
     return layers, resolved
 
 
+@dataclass(frozen=True)
+class Stage1Key:
+    """How a field of `EMCIDConfig` enters the stage-1 cache key (`EMCIDConfig.stage1_settings`), as its
+    `metadata["stage1_key"]`.
+
+    Args:
+        entry: the name of the key's entry; `None` uses the field's name. Fields that share an entry form a tuple in
+            field order, and the entry is `None` while the first of them is `None` (a switch such as
+            `early_stopping_window` that turns the others off).
+        omit: values for which the entry is left out: the behaviour from before the field existed, so that vectors
+            cached then keep their keys.
+    """
+
+    entry: str | None = None
+    omit: tuple[Any, ...] = ()
+
+
 @dataclass
 class EMCIDConfig:
     """Every setting of an EMCID run. Symbols refer to the paper and to `docs/algorithm.md`.
 
-    Stage 1 (one vector per concept):
-        layers: the text-encoder layers whose `mlp.fc2` is edited in stage 2, as a slice string over the
-            encoder's layers or a list of indices (negative from the end). `"0:-1"` is layers 0-10 of
-            CLIP-L (12 layers) and scales to any depth.
-        z_layer: the layer whose output (the residual stream) receives the stage-1 vector; `None` means
-            the last edited layer, as in the paper.
-        num_steps: Adam steps per concept (`v_num_grad_steps`).
-        learning_rate: Adam learning rate for delta (`v_lr`).
-        weight_decay: coefficient of `||delta|| / ||h0||^2` (`v_weight_decay`; the norm is not squared).
-        clamp_norm_factor: after every step delta is projected onto the ball of radius
-            `clamp_norm_factor * ||h0||`.
-        text_alignment_weight: weight beta of the MSE between the edited source and the destination
-            pooled text outputs (0 disables it).
-        samples_per_prompt: training images per prompt template.
-        image_num_inference_steps: denoising steps used to generate the training images.
-        image_guidance_scale: classifier-free guidance of the training-image generation.
-        image_scheduler: the class name of a diffusers scheduler to draw the training images with (built from
-            the pipeline's scheduler config, e.g. `"DPMSolverMultistepScheduler"` for fewer steps); `None` keeps
-            the pipeline's own (SD 1.4: PNDM, which the paper used with 50 steps).
-        image_resolution: side of the images drawn for training, in pixels; `None` uses the pipeline's default.
-        image_training_scale: the training images are drawn at `image_resolution` and trained on at this fraction
-            of it (given images are resized to that size, shorter side first, then centre-cropped); SD-XL's time ids
-            describe the trained size. The authors drew SD-XL's images at 1024 and trained on them at 512 (0.5).
-        stage1_padding: how the UNet is conditioned in stage 1: `"longest"` (the paper's) pads each concept's
-            prompts to the longest of them and masks the padding in the text encoder; `"pipeline"` pads every prompt
-            to the tokenizer's length (77) without a mask, as the pipeline does at inference.
+    Each field explains itself in `metadata["help"]` (read it with `dataclasses.fields(EMCIDConfig)` or in
+    `emcid edit --help`) and names its part of the run in `metadata["stage"]`:
 
-        early_stopping_window: stop a concept's stage 1 early when the mean loss of its last
-            `early_stopping_window` steps is not below the mean of the window before by at least
-            `early_stopping_min_improvement` (relative); `None` (the paper's setting) runs every step.
-        early_stopping_min_improvement: the relative improvement a window must bring to go on.
+    - `"stage1"`: the optimisation of one vector per concept: the edited layers and the z layer, Adam, the training
+      images, early stopping;
+    - `"stage2"`: the closed-form update of the edited layers: lambda, alpha, the residual and the keys;
+    - `"statistics"`: the key covariance C;
+    - `"run"`: how the work is done: the stage-1 mode, batch sizes, dtype and device.
 
-    Stage 2 (closed form):
-        preservation_weight: lambda, the weight of the key covariance C (`mom2_update_weight`).
-        edit_weight: alpha in `dW = alpha R K^T ((1-alpha) lambda C + alpha K K^T)^-1`, in (0, 1).
-        residual: `"paper"` uses R = z - (fc2 output of the layer), as the authors' code does; `"memit"`
-            uses R = z - (z-layer residual stream), MEMIT's consistent form.
-        stage2_keys: `"concept"` (the authors') writes one column per concept: its keys averaged over its prompts,
-            target z; `"prompt"` writes one column per prompt, with the prompt's own key and target (its own clean
-            state plus the concept's delta), weighted so that a concept weighs as much as one averaged column.
-
-    SD-XL's second text encoder (ignored for pipelines with one text encoder):
-        layers_2: its edited layers, as `layers`; `"-6:-1"` is layers 26-30 of OpenCLIP bigG (32 layers).
-        z_layer_2: its z layer; `None` means its last edited layer.
-        preservation_weight_2: its lambda; `None` means `preservation_weight`.
-
-    Statistics:
-        statistics_num_samples: captions used for C (a fixed pseudo-random subset if more are given).
-        statistics_batch_size: captions per forward pass when computing C.
-        statistics_positions: the caption positions C covers: `"pipeline"` (the default) tokenises the captions and
-            the empty prompt as the pipeline does and includes the padding positions its UNet reads; `"paper"` covers
-            the real tokens only, as the authors' statistics (see `key_statistics`).
-        statistics_padding_weight: with `"pipeline"` positions, the weight of the padding positions' mean key
-            second moment against the real tokens' (1: padding and real tokens carry equal shares of C).
-        statistics_regularization: r >= 0; stage 2 uses `C + r * mean_eigenvalue(C) * I`, a ridge for key directions
-            no caption covers. 0 (the paper's setting) uses C as it is, and numerically singular statistics are
-            refused; a model with few distinct keys by design (the shipped shapes model) needs a small r.
-
-    Runtime:
-        stage1_mode: `"fast"` optimises `concept_batch_size` concepts together and runs only the text-encoder
-            layers after the z layer at each step (the layers before it are computed once); `"reference"` is
-            the plain path of the paper, one concept at a time with full text-encoder passes. Both give the
-            same vectors up to floating-point rounding.
-        concept_batch_size: concepts optimised together in `"fast"` mode (one UNet batch of all their prompts);
-            a concept's result does not depend on the others in its batch.
-        stage2_batch_size: prompts per forward pass when gathering stage-2 keys and values.
-        dtype: autocast dtype for the frozen networks in stage 1 (`"bfloat16"`, `"float16"`) or `None`
-            for the pipeline's own precision. Delta, its Adam state and the loss stay in float32 (float64 for a
-            float64 pipeline).
-        device: where the work runs; `None` means the pipeline's device. Components are moved there for
-            the duration of a call and moved back afterwards.
+    The fields with a `metadata["stage1_key"]` make up the cache key of the stage-1 vectors, see `stage1_settings`.
+    The fields ending in `_2` concern SD-XL's second text encoder and are ignored for pipelines with one.
     """
 
-    layers: LayerSpec = "0:-1"
-    z_layer: int | None = None
-    num_steps: int = 200
-    learning_rate: float = 0.2
-    weight_decay: float = 5e-4
-    clamp_norm_factor: float = 1.5
-    text_alignment_weight: float = 0.01
-    samples_per_prompt: int = 1
-    image_num_inference_steps: int = 50
-    image_guidance_scale: float = 7.5
-    image_scheduler: str | None = None
-    image_resolution: int | None = None
-    image_training_scale: float = 1.0
-    stage1_padding: Stage1Padding = "longest"
-    early_stopping_window: int | None = None
-    early_stopping_min_improvement: float = 0.01
-    preservation_weight: float = 4000.0
-    edit_weight: float = 0.6
-    residual: ResidualMode = "paper"
-    stage2_keys: Stage2Keys = "concept"
-    layers_2: LayerSpec = "-6:-1"
-    z_layer_2: int | None = None
-    preservation_weight_2: float | None = None
-    statistics_num_samples: int = 100_000
-    statistics_batch_size: int = 100
-    statistics_positions: StatisticsPositions = "pipeline"
-    statistics_padding_weight: float = 1.0
-    statistics_regularization: float = 0.0
-    stage1_mode: Stage1Mode = "fast"
-    concept_batch_size: int = 8
-    stage2_batch_size: int = 256
-    dtype: str | None = None
-    device: str | None = None
-    preset: str | None = field(default=None, compare=False)
+    layers: LayerSpec = field(
+        default="0:-1",
+        metadata={
+            "help": (
+                "The text-encoder layers whose `mlp.fc2` is edited in stage 2, as a slice string over the encoder's "
+                "layers or a list of indices (negative from the end). `'0:-1'` is layers 0-10 of CLIP-L (12 layers) "
+                "and scales to any depth."
+            ),
+            "stage": "stage1",
+        },
+    )
+    z_layer: int | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "The layer whose output (the residual stream) receives the stage-1 vector; `None` means the last "
+                "edited layer, as in the paper."
+            ),
+            "stage": "stage1",
+        },
+    )
+    num_steps: int = field(
+        default=200,
+        metadata={"help": "Adam steps per concept (`v_num_grad_steps`).", "stage": "stage1", "stage1_key": Stage1Key()},
+    )
+    learning_rate: float = field(
+        default=0.2,
+        metadata={"help": "Adam learning rate for delta (`v_lr`).", "stage": "stage1", "stage1_key": Stage1Key()},
+    )
+    weight_decay: float = field(
+        default=5e-4,
+        metadata={
+            "help": "Coefficient of `||delta|| / ||h0||^2` (`v_weight_decay`; the norm is not squared).",
+            "stage": "stage1",
+            "stage1_key": Stage1Key(),
+        },
+    )
+    clamp_norm_factor: float = field(
+        default=1.5,
+        metadata={
+            "help": "After every step delta is projected onto the ball of radius `clamp_norm_factor * ||h0||`.",
+            "stage": "stage1",
+            "stage1_key": Stage1Key(),
+        },
+    )
+    text_alignment_weight: float = field(
+        default=0.01,
+        metadata={
+            "help": (
+                "Weight beta of the MSE between the edited source and the destination pooled text outputs "
+                "(0 disables it)."
+            ),
+            "stage": "stage1",
+            "stage1_key": Stage1Key(),
+        },
+    )
+    samples_per_prompt: int = field(
+        default=1,
+        metadata={"help": "Training images per prompt template.", "stage": "stage1", "stage1_key": Stage1Key()},
+    )
+    image_num_inference_steps: int = field(
+        default=50,
+        metadata={
+            "help": "Denoising steps used to generate the training images.",
+            "stage": "stage1",
+            "stage1_key": Stage1Key(),
+        },
+    )
+    image_guidance_scale: float = field(
+        default=7.5,
+        metadata={
+            "help": "Classifier-free guidance of the training-image generation.",
+            "stage": "stage1",
+            "stage1_key": Stage1Key(),
+        },
+    )
+    image_scheduler: str | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "The class name of a diffusers scheduler to draw the training images with (built from the "
+                "pipeline's scheduler config, e.g. `'DPMSolverMultistepScheduler'` for fewer steps); `None` keeps the "
+                "pipeline's own (SD 1.4: PNDM, which the paper used with 50 steps)."
+            ),
+            "stage": "stage1",
+            "stage1_key": Stage1Key(),
+        },
+    )
+    image_resolution: int | None = field(
+        default=None,
+        metadata={
+            "help": "Side of the images drawn for training, in pixels; `None` uses the pipeline's default.",
+            "stage": "stage1",
+            "stage1_key": Stage1Key(),
+        },
+    )
+    image_training_scale: float = field(
+        default=1.0,
+        metadata={
+            "help": (
+                "The training images are drawn at `image_resolution` and trained on at this fraction of it (given "
+                "images are resized to that size, shorter side first, then centre-cropped); SD-XL's time ids describe "
+                "the trained size. The authors drew SD-XL's images at 1024 and trained on them at 512 (0.5)."
+            ),
+            "stage": "stage1",
+            "stage1_key": Stage1Key("training_scale", omit=(1.0,)),
+        },
+    )
+    stage1_padding: Stage1Padding = field(
+        default="longest",
+        metadata={
+            "help": (
+                "How the UNet is conditioned in stage 1: `'longest'` (the paper's) pads each concept's prompts to the "
+                "longest of them and masks the padding in the text encoder; `'pipeline'` pads every prompt to the "
+                "tokenizer's length (77) without a mask, as the pipeline does at inference."
+            ),
+            "stage": "stage1",
+            "stage1_key": Stage1Key("padding", omit=("longest",)),
+        },
+    )
+    early_stopping_window: int | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "Stop a concept's stage 1 early when the mean loss of its last `early_stopping_window` steps is not "
+                "below the mean of the window before by at least `early_stopping_min_improvement` (relative); `None` "
+                "(the paper's setting) runs every step."
+            ),
+            "stage": "stage1",
+            "stage1_key": Stage1Key("early_stopping"),
+        },
+    )
+    early_stopping_min_improvement: float = field(
+        default=0.01,
+        metadata={
+            "help": "The relative improvement a window must bring to go on.",
+            "stage": "stage1",
+            "stage1_key": Stage1Key("early_stopping"),
+        },
+    )
+    preservation_weight: float = field(
+        default=4000.0,
+        metadata={"help": "Lambda, the weight of the key covariance C (`mom2_update_weight`).", "stage": "stage2"},
+    )
+    edit_weight: float = field(
+        default=0.6,
+        metadata={
+            "help": "Alpha in `dW = alpha R K^T ((1-alpha) lambda C + alpha K K^T)^-1`, in (0, 1).",
+            "stage": "stage2",
+        },
+    )
+    residual: ResidualMode = field(
+        default="paper",
+        metadata={
+            "help": (
+                "`'paper'` uses R = z - (fc2 output of the layer), as the authors' code does; `'memit'` uses "
+                "R = z - (z-layer residual stream), MEMIT's consistent form."
+            ),
+            "stage": "stage2",
+        },
+    )
+    stage2_keys: Stage2Keys = field(
+        default="concept",
+        metadata={
+            "help": (
+                "`'concept'` (the authors') writes one column per concept: its keys averaged over its prompts, target "
+                "z; `'prompt'` writes one column per prompt, with the prompt's own key and target (its own clean state "
+                "plus the concept's delta), weighted so that a concept weighs as much as one averaged column."
+            ),
+            "stage": "stage2",
+        },
+    )
+    layers_2: LayerSpec = field(
+        default="-6:-1",
+        metadata={
+            "help": (
+                "The edited layers of SD-XL's second text encoder, as `layers`; `'-6:-1'` is layers 26-30 of "
+                "OpenCLIP bigG (32 layers)."
+            ),
+            "stage": "stage1",
+        },
+    )
+    z_layer_2: int | None = field(
+        default=None,
+        metadata={
+            "help": "The z layer of SD-XL's second text encoder; `None` means its last edited layer.",
+            "stage": "stage1",
+        },
+    )
+    preservation_weight_2: float | None = field(
+        default=None,
+        metadata={
+            "help": "The lambda of SD-XL's second text encoder; `None` means `preservation_weight`.",
+            "stage": "stage2",
+        },
+    )
+    statistics_num_samples: int = field(
+        default=100_000,
+        metadata={
+            "help": "Captions used for C (a fixed pseudo-random subset if more are given).",
+            "stage": "statistics",
+        },
+    )
+    statistics_batch_size: int = field(
+        default=100,
+        metadata={"help": "Captions per forward pass when computing C.", "stage": "statistics"},
+    )
+    statistics_positions: StatisticsPositions = field(
+        default="pipeline",
+        metadata={
+            "help": (
+                "The caption positions C covers: `'pipeline'` (the default) tokenises the captions and the empty "
+                "prompt as the pipeline does and includes the padding positions its UNet reads; `'paper'` covers the "
+                "real tokens only, as the authors' statistics (see `key_statistics`)."
+            ),
+            "stage": "statistics",
+        },
+    )
+    statistics_padding_weight: float = field(
+        default=1.0,
+        metadata={
+            "help": (
+                "With `'pipeline'` positions, the weight of the padding positions' mean key second moment against the "
+                "real tokens' (1: padding and real tokens carry equal shares of C)."
+            ),
+            "stage": "statistics",
+        },
+    )
+    statistics_regularization: float = field(
+        default=0.0,
+        metadata={
+            "help": (
+                "r >= 0; stage 2 uses `C + r * mean_eigenvalue(C) * I`, a ridge for key directions no caption "
+                "covers. 0 (the paper's setting) uses C as it is, and numerically singular statistics are refused; a "
+                "model with few distinct keys by design (the shipped shapes model) needs a small r."
+            ),
+            "stage": "statistics",
+        },
+    )
+    stage1_mode: Stage1Mode = field(
+        default="fast",
+        metadata={
+            "help": (
+                "`'fast'` optimises `concept_batch_size` concepts together and runs only the text-encoder layers "
+                "after the z layer at each step (the layers before it are computed once); `'reference'` is the plain "
+                "path of the paper, one concept at a time with full text-encoder passes. Both give the same vectors "
+                "up to floating-point rounding."
+            ),
+            "stage": "run",
+        },
+    )
+    concept_batch_size: int = field(
+        default=8,
+        metadata={
+            "help": (
+                "Concepts optimised together in `'fast'` mode (one UNet batch of all their prompts); a concept's "
+                "result does not depend on the others in its batch."
+            ),
+            "stage": "run",
+        },
+    )
+    stage2_batch_size: int = field(
+        default=256,
+        metadata={"help": "Prompts per forward pass when gathering stage-2 keys and values.", "stage": "run"},
+    )
+    dtype: str | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "Autocast dtype for the frozen networks in stage 1 (`'bfloat16'`, `'float16'`) or `None` for the "
+                "pipeline's own precision. Delta, its Adam state and the loss stay in float32 (float64 for a float64 "
+                "pipeline)."
+            ),
+            "stage": "run",
+            "stage1_key": Stage1Key(),
+        },
+    )
+    device: str | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "Where the work runs; `None` means the pipeline's device. Components are moved there for the "
+                "duration of a call and moved back afterwards."
+            ),
+            "stage": "run",
+        },
+    )
+    preset: str | None = field(
+        default=None,
+        compare=False,
+        metadata={"help": "The preset the config was built from (set by `from_preset`); not compared.", "stage": "run"},
+    )
 
     def __post_init__(self) -> None:
         for name in ("layers", "layers_2"):
@@ -260,27 +477,19 @@ class EMCIDConfig:
         return resolve_edit_layers(self.layers, self.z_layer, num_layers)
 
     def stage1_settings(self, z_layers: dict[str, int]) -> dict[str, Any]:
-        """The settings a stage-1 vector depends on (its cache key). Lambda and alpha are not among them, nor are
+        """The settings a stage-1 vector depends on (its cache key): `z_layers` and the fields with a
+        `metadata["stage1_key"]`, entered as their `Stage1Key` says. Lambda and alpha are not among them, nor are
         `stage1_mode` and `concept_batch_size`, which change how the vectors are computed, not what they are."""
-        return {
-            "z_layers": z_layers,
-            "num_steps": self.num_steps,
-            "learning_rate": self.learning_rate,
-            "weight_decay": self.weight_decay,
-            "clamp_norm_factor": self.clamp_norm_factor,
-            "text_alignment_weight": self.text_alignment_weight,
-            "samples_per_prompt": self.samples_per_prompt,
-            "image_num_inference_steps": self.image_num_inference_steps,
-            "image_guidance_scale": self.image_guidance_scale,
-            "image_scheduler": self.image_scheduler,
-            "image_resolution": self.image_resolution,
-            "dtype": self.dtype,
-            "early_stopping": None if self.early_stopping_window is None
-            else (self.early_stopping_window, self.early_stopping_min_improvement),
-            # named only when not the default, so that the keys of vectors cached before these options stay valid
-            **({"padding": self.stage1_padding} if self.stage1_padding != "longest" else {}),
-            **({"training_scale": self.image_training_scale} if self.image_training_scale != 1.0 else {}),
-        }
+        entries: dict[str, list[Any]] = {}
+        for config_field in dataclasses.fields(self):
+            key: Stage1Key | None = config_field.metadata.get("stage1_key")
+            value = getattr(self, config_field.name)
+            if key is not None and value not in key.omit:
+                entries.setdefault(key.entry or config_field.name, []).append(value)
+        settings: dict[str, Any] = {"z_layers": z_layers}
+        for entry, values in entries.items():
+            settings[entry] = values[0] if len(values) == 1 else None if values[0] is None else tuple(values)
+        return settings
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -324,9 +533,3 @@ PRESETS: dict[str, dict[str, Any]] = {
                         image_guidance_scale=4.0, preservation_weight=10.0, edit_weight=0.6, residual="memit",
                         statistics_num_samples=1000, statistics_batch_size=256, statistics_regularization=1e-4),
 }
-
-DEFAULT_PRESETS = {"sd": "sd1-paper", "sdxl": "sdxl-paper"}
-"""The preset `EMCIDEditor` uses for each pipeline family when no config is given."""
-KIND_PRESETS: dict[str, dict[str, str]] = {"sd": {"debias": "sd1-debias", "rectify": "sd1-rectify"}, "sdxl": {}}
-"""The presets `EMCIDEditor.debias` and `.rectify` use for each family when the editor was built without a config (and
-its config was not changed since): the settings of the paper's runs of that kind."""

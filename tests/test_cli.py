@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import re
 
@@ -5,11 +6,13 @@ import pytest
 import torch
 from transformers import ResNetConfig, ResNetForImageClassification, ViTImageProcessor
 
-from diffusers_emcid import ConceptEdits
-from diffusers_emcid.cli import EXIT_BAD_INPUT, load_pairs, main
+from diffusers_emcid import ConceptEdits, EMCIDConfig
+from diffusers_emcid.cli import EXIT_BAD_INPUT, OWN_OPTIONS, build_parser, load_pairs, main, make_config
 from diffusers_emcid.testing import tiny_sd_pipeline
 
 from .conftest import CAPTIONS
+
+EDIT = ["edit", "--model", "m", "--pairs", "p.csv", "--out", "o", "--preset", "sdxl-paper"]
 
 
 @pytest.fixture(scope="module")
@@ -110,3 +113,45 @@ def test_pairs_without_header_and_with_templates(tmp_path):
     path.write_text("source,destination,templates\ndog,cat,a photo of a dog\n")
     with pytest.raises(Exception, match=r"line 2: .*\{\}"):
         load_pairs(path)
+
+
+@pytest.mark.parametrize("command", ["edit", "stats"])
+def test_every_config_field_has_an_option_with_its_help(command, capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([command, "--help"])
+    out = capsys.readouterr().out
+    for config_field in dataclasses.fields(EMCIDConfig):
+        option = f"--{config_field.name.replace('_', '-')}"
+        assert re.search(rf"^ +{option} ", out, re.MULTILINE), option
+        if config_field.name not in OWN_OPTIONS:  # argparse rewraps the help text
+            assert "".join(config_field.metadata["help"].split()) in "".join(out.split()), option
+
+
+def test_config_options_override_the_preset():
+    parser = build_parser()
+    assert make_config(parser.parse_args(EDIT), pipe=None) == EMCIDConfig.from_preset("sdxl-paper")
+    args = parser.parse_args(EDIT + [
+        "--num-steps", "3", "--learning-rate", "0.05", "--layers=-3:-1", "--layers-2", "0,2", "--z-layer", "-1",
+        "--preservation-weight-2", "None", "--image-scheduler", "DDIMScheduler", "--residual", "memit",
+        "--concept-batch-size", "2", "--statistics-num-samples", "10", "--dtype", "bfloat16",
+    ])
+    assert make_config(args, pipe=None) == EMCIDConfig.from_preset(
+        "sdxl-paper", num_steps=3, learning_rate=0.05, layers="-3:-1", layers_2=[0, 2], z_layer=-1,
+        preservation_weight_2=None, image_scheduler="DDIMScheduler", residual="memit", concept_batch_size=2,
+        statistics_num_samples=10, dtype="bfloat16",
+    )
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        (["--num-steps", "many"], "--num-steps: invalid int value: 'many'"),
+        (["--z-layer", "last"], "--z-layer: invalid int value: 'last'"),
+        (["--residual", "other"], "--residual: invalid choice: 'other'"),
+        (["--layers", "all"], "--layers: 'all' is neither a 'start:stop' slice nor comma-separated layer indices"),
+    ],
+)
+def test_bad_config_options_are_refused(option, message, capsys):
+    with pytest.raises(SystemExit) as raised:
+        build_parser().parse_args(EDIT + option)
+    assert raised.value.code == 2 and message in capsys.readouterr().err
