@@ -28,8 +28,7 @@ import torch
 from bench_statistics_positions import CLIP_L_KEY_WIDTH, FAMILIES, drift_report, drift_report_shapes
 
 from diffusers_emcid import ConceptEdit, EMCIDConfig, EMCIDEditor
-from diffusers_emcid.config import DEFAULT_PRESETS
-from diffusers_emcid.encoders import pipeline_family
+from diffusers_emcid.families import pipeline_family
 from diffusers_emcid.hooks import captured_outputs, run_until_stopped
 from diffusers_emcid.testing import random_captions
 from diffusers_emcid.tokens import subject_token_positions, tokenize
@@ -70,7 +69,7 @@ def tiny_family(name: str, cache: str) -> dict[str, Any]:
     request = ConceptEdit("dog", "cat", seed=0)
     results = {}
     for residual, mode in [(residual, mode) for residual in ("paper", "memit") for mode in MODES]:
-        config = EMCIDConfig.from_preset(DEFAULT_PRESETS[pipeline_family(pipe)], num_steps=50, image_num_inference_steps=4,
+        config = EMCIDConfig.from_preset(pipeline_family(pipe).default_preset, num_steps=50, image_num_inference_steps=4,
                                          stage2_keys=mode, residual=residual)
         config.preservation_weight *= pipe.text_encoder.config.intermediate_size / CLIP_L_KEY_WIDTH
         if config.preservation_weight_2 is not None:

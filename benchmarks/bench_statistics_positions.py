@@ -34,8 +34,7 @@ from typing import Any
 import torch
 
 from diffusers_emcid import ConceptEdit, EMCIDConfig, EMCIDEditor
-from diffusers_emcid.config import DEFAULT_PRESETS
-from diffusers_emcid.encoders import pipeline_family
+from diffusers_emcid.families import pipeline_family
 from diffusers_emcid.evaluation import conditioning_change
 from diffusers_emcid.testing import random_captions, tiny_sd2_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline
 
@@ -63,7 +62,7 @@ def drift_report(pipe: Any, edits: Any) -> dict[str, float]:
 
 def tiny_family(name: str, padding_weights: list[float], cache: str) -> dict[str, Any]:
     pipe = FAMILIES[name](seed=0)
-    preset = DEFAULT_PRESETS[pipeline_family(pipe)]
+    preset = pipeline_family(pipe).default_preset
     results = {}
     for label, overrides in settings(padding_weights):
         width = pipe.text_encoder.config.intermediate_size / CLIP_L_KEY_WIDTH

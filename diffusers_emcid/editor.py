@@ -13,9 +13,10 @@ from accelerate.utils import broadcast_object_list
 from diffusers import DiffusionPipeline
 
 from .cache import ModuleFingerprints, TensorCache, pipeline_digest, text_encoder_fingerprint
-from .config import DEFAULT_PRESETS, EMCIDConfig
+from .config import EMCIDConfig
 from .edits import ConceptEdits, base_weights_fingerprint
-from .encoders import EditedEncoder, TextEncoderLayout, check_editable_pipeline, find_edited_encoders, pipeline_family
+from .encoders import EditedEncoder, TextEncoderLayout, check_editable_pipeline, find_edited_encoders
+from .families import pipeline_family
 from .hooks import base_networks
 from .key_statistics import CaptionSource, KeyStatistics, StatisticsStore, load_captions, sample_captions
 from .kinds import ConceptKindsMixin
@@ -38,9 +39,10 @@ class EMCIDEditor(ConceptKindsMixin):
     Args:
         pipe: a Stable Diffusion 1.x/2.x pipeline (one CLIP text encoder) or an SD-XL pipeline (two), text-to-image,
             image-to-image or inpainting.
-        config: the hyperparameters; defaults to the `"sd1-paper"` preset, or `"sdxl-paper"` for SD-XL. Without it,
-            `debias` and `rectify` run with the presets of the paper's runs of those kinds (`KIND_PRESETS`:
-            `"sd1-debias"`, `"sd1-rectify"`) as long as the config is left unchanged.
+        config: the hyperparameters; defaults to the preset of the pipeline's family (`"sd1-paper"`, or
+            `"sdxl-paper"` for SD-XL: `PipelineFamily.default_preset`). Without it, `debias` and `rectify` run with the
+            presets of the paper's runs of those kinds (`PipelineFamily.kind_presets`: `"sd1-debias"`,
+            `"sd1-rectify"`) as long as the config is left unchanged.
         cache_dir: where stage-1 vectors and key statistics are cached; defaults to `$EMCID_CACHE` or
             `emcid/` under the Hugging Face cache home.
         progress: show progress bars.
@@ -63,7 +65,7 @@ class EMCIDEditor(ConceptKindsMixin):
     ) -> None:
         check_editable_pipeline(pipe)
         self.pipe = pipe
-        self.config = config if config is not None else EMCIDConfig.from_preset(DEFAULT_PRESETS[pipeline_family(pipe)])
+        self.config = config if config is not None else EMCIDConfig.from_preset(pipeline_family(pipe).default_preset)
         self._default_config = None if config is not None else dataclasses.replace(self.config)
         self.encoders: list[EditedEncoder] = find_edited_encoders(pipe, self.config)
         self.cache = TensorCache(cache_dir)

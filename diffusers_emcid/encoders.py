@@ -14,6 +14,7 @@ from torch import nn
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, PreTrainedTokenizerBase
 
 from .config import resolve_edit_layers
+from .families import SUPPORTED, pipeline_family
 
 if TYPE_CHECKING:
     from .config import EMCIDConfig
@@ -75,7 +76,7 @@ def find_text_encoder_layout(text_encoder: nn.Module, component: str = "text_enc
         supported = ", ".join(cls.__name__ for cls in SUPPORTED_TEXT_ENCODERS)
         raise ValueError(
             f"The pipeline's {component} is a {type(text_encoder).__name__}; EMCID edits CLIP text encoders "
-            f"({supported}), as used by Stable Diffusion 1.x, 2.x and SD-XL."
+            f"({supported}), as used by {SUPPORTED}."
         )
     modules = dict(text_encoder.named_modules())
     encoders = [path for path, module in modules.items() if isinstance(module, CLIPEncoder)]
@@ -91,7 +92,7 @@ def check_editable_pipeline(pipe: object) -> None:
     """Raises `ValueError` for pipelines EMCID cannot train through: components missing, or an inpainting UNet."""
     missing = [name for name in ("text_encoder", "tokenizer", "unet", "vae", "scheduler") if getattr(pipe, name, None) is None]
     if missing:
-        raise ValueError(f"{type(pipe).__name__} lacks {missing}; EMCID edits Stable Diffusion 1.x/2.x and SD-XL pipelines.")
+        raise ValueError(f"{type(pipe).__name__} lacks {missing}; EMCID edits {SUPPORTED} pipelines.")
     if pipe.unet.config.in_channels != 4:
         raise ValueError(
             f"{type(pipe).__name__}'s UNet takes {pipe.unet.config.in_channels} input channels (an inpainting "
@@ -115,8 +116,8 @@ class EditedEncoder:
         layers: the edited layers, ascending.
         z_layer: the layer whose output carries the stage-1 vector.
         preservation_weight: lambda of its stage 2.
-        conditioning: what the pipeline gives the UNet: `"last"` (the final, normalised hidden state; SD 1.x/2.x)
-            or `"penultimate"` (the output of the last layer but one, not normalised; SD-XL).
+        conditioning: the hidden state the pipeline gives the UNet (its family's `PipelineFamily.conditioning`):
+            `"last"` (the final, normalised one) or `"penultimate"` (the last layer but one, not normalised).
     """
 
     component: str
@@ -128,11 +129,6 @@ class EditedEncoder:
     conditioning: Literal["last", "penultimate"]
 
 
-def pipeline_family(pipe: object) -> Literal["sd", "sdxl"]:
-    """`"sdxl"` for pipelines with two text encoders and text-time UNet conditioning, else `"sd"` (1.x/2.x)."""
-    return "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd"
-
-
 def find_edited_encoders(pipe: object, config: "EMCIDConfig") -> list[EditedEncoder]:
     """The text encoders EMCID edits in `pipe`, with the layers `config` selects in each.
 
@@ -140,25 +136,23 @@ def find_edited_encoders(pipe: object, config: "EMCIDConfig") -> list[EditedEnco
         ValueError: for a pipeline without CLIP text encoders, or a z layer the UNet never sees.
     """
     family = pipeline_family(pipe)
-    specs = [("text_encoder", "tokenizer", config.layers, config.z_layer, config.preservation_weight)]
-    if family == "sdxl":
-        weight_2 = config.preservation_weight_2 if config.preservation_weight_2 is not None else config.preservation_weight
-        specs.append(("text_encoder_2", "tokenizer_2", config.layers_2, config.z_layer_2, weight_2))
     encoders = []
-    for component, tokenizer_name, layer_spec, z_spec, weight in specs:
-        model, tokenizer = getattr(pipe, component, None), getattr(pipe, tokenizer_name, None)
+    for slot in family.text_encoders:
+        model, tokenizer = getattr(pipe, slot.component, None), getattr(pipe, slot.tokenizer, None)
         if model is None or tokenizer is None:
             raise ValueError(
-                f"{type(pipe).__name__} has no {component if model is None else tokenizer_name}; EMCID edits Stable "
-                "Diffusion 1.x/2.x and SD-XL pipelines."
+                f"{type(pipe).__name__} has no {slot.component if model is None else slot.tokenizer}; EMCID edits "
+                f"{SUPPORTED} pipelines."
             )
-        layout = find_text_encoder_layout(model, component)
+        layout = find_text_encoder_layout(model, slot.component)
+        layer_spec, z_spec = getattr(config, "layers" + slot.config_suffix), getattr(config, "z_layer" + slot.config_suffix)
         layers, z_layer = resolve_edit_layers(layer_spec, z_spec, layout.num_layers)
-        conditioning = "penultimate" if family == "sdxl" else "last"
-        if conditioning == "penultimate" and z_layer > layout.num_layers - 2:
+        weight = getattr(config, "preservation_weight" + slot.config_suffix)
+        weight = config.preservation_weight if weight is None else weight
+        if family.conditioning == "penultimate" and z_layer > layout.num_layers - 2:
             raise ValueError(
-                f"The {component}'s z layer {z_layer} lies after layer {layout.num_layers - 2}, whose output is what SD-XL "
-                "gives its UNet; choose layers ending at most there (e.g. '-4:-1')."
+                f"The {slot.component}'s z layer {z_layer} lies after layer {layout.num_layers - 2}, whose output is "
+                f"what {family.description} gives its UNet; choose layers ending at most there (e.g. '-4:-1')."
             )
-        encoders.append(EditedEncoder(component, layout, tokenizer, layers, z_layer, weight, conditioning))
+        encoders.append(EditedEncoder(slot.component, layout, tokenizer, layers, z_layer, weight, family.conditioning))
     return encoders

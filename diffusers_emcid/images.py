@@ -10,11 +10,12 @@ from typing import Iterator, Sequence
 import diffusers
 import torch
 import torch.nn.functional as F
-from diffusers import AutoPipelineForText2Image, DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import AutoPipelineForText2Image, DiffusionPipeline
 from PIL import Image
 from tqdm.auto import tqdm
 
 from .config import EMCIDConfig
+from .families import pipeline_family
 from .requests import ConceptEdit, load_image
 
 
@@ -61,7 +62,7 @@ def resize_and_crop(images: torch.Tensor, resolution: int) -> torch.Tensor:
 def text_to_image_pipeline(pipe: DiffusionPipeline) -> DiffusionPipeline:
     """`pipe` itself if it draws from text alone, else a text-to-image pipeline sharing its components
     (for image-to-image and inpainting pipelines, which need an input image)."""
-    if isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
+    if type(pipe) is pipeline_family(pipe).pipelines[0]:
         return pipe
     return AutoPipelineForText2Image.from_pipe(pipe)
 

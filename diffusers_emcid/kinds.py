@@ -9,7 +9,7 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
-from .config import KIND_PRESETS, EMCIDConfig
+from .config import EMCIDConfig
 from .debias import (
     DEBIAS_TEMPLATES,
     DEFAULT_MAX_ITER,
@@ -22,7 +22,8 @@ from .debias import (
     tune_blends,
 )
 from .edits import ConceptEdits
-from .encoders import find_edited_encoders, pipeline_family
+from .encoders import find_edited_encoders
+from .families import pipeline_family
 from .requests import DEFAULT_TEMPLATES, ConceptEdit, as_concept_edits
 
 
@@ -32,9 +33,9 @@ class ConceptKindsMixin:
 
     @contextlib.contextmanager
     def _kind_settings(self, kind: str) -> Iterator[None]:
-        """Runs with the preset of the paper's runs of `kind` (`KIND_PRESETS`) when the editor was built without a
+        """Runs with the preset of the paper's runs of `kind` (`PipelineFamily.kind_presets`) when the editor was built without a
         config and its config is unchanged; with the editor's own config otherwise."""
-        name = KIND_PRESETS[pipeline_family(self.pipe)].get(kind)
+        name = pipeline_family(self.pipe).kind_presets.get(kind)
         if name is None or self._default_config is None or self.config != self._default_config:
             yield
             return

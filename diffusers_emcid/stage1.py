@@ -48,6 +48,7 @@ from .conditioning import Conditioning, encode_prompts, length_mask, pad_id, pad
 from .config import EMCIDConfig
 from .encoders import EditedEncoder
 from .errors import EMCIDNumericalError
+from .families import pipeline_family
 from .hooks import captured_outputs, run_until_stopped
 from .images import network_autocast, training_images
 from .requests import ConceptEdit
@@ -272,7 +273,7 @@ def optimize_concept_vectors(
     images = training_images(pipe, requests, config)
     runs = [_ConceptRun(request, image, pipe, encoders, config, device) for request, image in zip(requests, images)]
     time_ids = None
-    if getattr(unet.config, "addition_embed_type", None) == "text_time":  # SD-XL: original size, crop corner, target size
+    if pipeline_family(pipe).time_ids:  # original size, crop corner, target size
         resolution = images[0].shape[-1]
         time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], device=device, dtype=unet.dtype)
     fast = config.stage1_mode == "fast"

@@ -266,7 +266,7 @@ def test_image_to_image_pipelines_share_the_support(pipe, tmp_path):
 def test_unsupported_pipelines_name_the_supported_families(pipe):
     pipe.text_encoder = BertModel(BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                              intermediate_size=32))
-    with pytest.raises(ValueError, match="BertModel; EMCID edits CLIP text encoders.*Stable Diffusion 1.x, 2.x and SD-XL"):
+    with pytest.raises(ValueError, match="BertModel; EMCID edits CLIP text encoders.*Stable Diffusion 1.x/2.x and SD-XL"):
         EMCIDEditor(pipe)
 
     class NotAPipeline:

@@ -9,15 +9,13 @@ import torch
 from diffusers import DiffusionPipeline
 
 from ..edits import ConceptEdits
-from ..encoders import pipeline_family
+from ..families import pipeline_family
 
 
 @torch.no_grad()
 def pipeline_conditioning(pipe: DiffusionPipeline, prompts: Sequence[str]) -> torch.Tensor:
     """What the pipeline's own `encode_prompt` gives its UNet for `prompts`: (B, 77, D), every position included."""
-    if pipeline_family(pipe) == "sdxl":
-        return pipe.encode_prompt(list(prompts), device=pipe.device, do_classifier_free_guidance=False)[0]
-    return pipe.encode_prompt(list(prompts), pipe.device, 1, False)[0]
+    return pipeline_family(pipe).prompt_embeds(pipe, list(prompts))
 
 
 def conditioning_change(pipe: DiffusionPipeline, edits: ConceptEdits, prompts: Sequence[str]) -> list[float]:
