@@ -82,10 +82,11 @@ def load_pairs(path: str | os.PathLike) -> list[ConceptEdit]:
 
 def load_pipeline(model: str, device: str | None, dtype: str | None) -> DiffusionPipeline:
     """The pipeline of a model id or folder (or the shipped shapes model), on `device` in `dtype`."""
-    torch_dtype = getattr(torch, dtype) if dtype else torch.float32
     source = shapes_model_path() if model == SHAPES_MODEL else model
+    # float32 is diffusers' default; only other dtypes are passed (as `torch_dtype`, which older diffusers need)
+    loading = {"torch_dtype": getattr(torch, dtype)} if dtype else {}
     try:
-        pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=torch_dtype)
+        pipe = DiffusionPipeline.from_pretrained(source, **loading)
     except (OSError, ValueError) as error:
         raise CommandError(
             f"cannot load the model {model!r}: {str(error).splitlines()[0]}\nGive a diffusers model folder, a Hub id you "

@@ -67,6 +67,6 @@ def test_shipped_folders_carry_model_cards_that_say_how_they_were_made():
 
     for folder in (shapes_model_path(), shapes_judge_path()):
         card = (folder / "README.md").read_text()
-        assert card.startswith("---\n") and "diffusers_emcid.shapes.train" in card, folder
+        assert card.startswith("---\n") and "scripts/train_shapes.py" in card, folder
     total = sum(p.stat().st_size for folder in (shapes_model_path(), shapes_judge_path()) for p in folder.rglob("*") if p.is_file())
     assert total < 20 * 2**20, f"the shipped model and judge take {total / 2**20:.1f} MB"

@@ -2,7 +2,7 @@
 
 The pipeline (`load_shapes_pipeline`) draws 32x32 images of "a {colour} {shape}" and its text encoder is built
 to be editable by EMCID; the judge (`load_shapes_judge`) is an image classifier of "{colour} {shape}". Both were
-trained from scratch on CPU by `python -m diffusers_emcid.shapes.train`; see their model cards.
+trained from scratch on CPU by `python scripts/train_shapes.py`; see their model cards.
 """
 
 from __future__ import annotations
@@ -35,11 +35,10 @@ def shapes_judge_path() -> Path:
 def load_shapes_pipeline(torch_dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> StableDiffusionPipeline:
     """Loads the shipped shapes pipeline (no safety checker) in `torch_dtype` on `device`."""
     pipe = StableDiffusionPipeline.from_pretrained(
-        shapes_model_path(), torch_dtype=torch_dtype, local_files_only=True, safety_checker=None,
-        requires_safety_checker=False,
-    )
+        shapes_model_path(), local_files_only=True, safety_checker=None, requires_safety_checker=False
+    )  # the shipped weights are float32
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    return pipe.to(device, torch_dtype)
 
 
 def load_shapes_judge(device: str | torch.device = "cpu") -> ImageClassifierJudge:

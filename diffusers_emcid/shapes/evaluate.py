@@ -14,7 +14,6 @@ import json
 import time
 from pathlib import Path
 
-import torch
 from diffusers import StableDiffusionPipeline
 
 from ..evaluation import ImageClassifierJudge
@@ -41,7 +40,7 @@ def main() -> None:
     if args.model is None:
         pipe = load_shapes_pipeline()
     else:
-        pipe = StableDiffusionPipeline.from_pretrained(args.model, torch_dtype=torch.float32, local_files_only=True,
+        pipe = StableDiffusionPipeline.from_pretrained(args.model, local_files_only=True,
                                                        safety_checker=None, requires_safety_checker=False)
         pipe.set_progress_bar_config(disable=True)
     judge = load_shapes_judge()

@@ -1,7 +1,8 @@
-"""Trains the tiny shapes text-to-image pipeline and its judge from scratch, reproducibly, on CPU.
+"""Trains the tiny shapes text-to-image pipeline and its judge that `diffusers_emcid.shapes` ships, from scratch,
+reproducibly, on CPU. A development tool of the repository, not part of the installed package.
 
     pip download open-clip-torch==3.3.0 --no-deps -d wheels     # for the BPE vocabulary (MIT licence)
-    python -m diffusers_emcid.shapes.train --out DIR --bpe wheels/open_clip_torch-3.3.0-py3-none-any.whl [--seed 0]
+    python scripts/train_shapes.py --out DIR --bpe wheels/open_clip_torch-3.3.0-py3-none-any.whl [--seed 0]
 
 Stages (each is saved under `DIR/checkpoints` and skipped when rerun):
 
@@ -46,9 +47,9 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, ResNetConfig, ResNetForImageClassification, ViTImageProcessor
 
-from ..encoders import find_text_encoder_layout
-from .checks import conditioning_gap_closed, end_of_text_separation, pipeline_token_ids
-from .render import COLOURS, RESOLUTION, SHAPES, class_names, draw_batch, draw_captions
+from diffusers_emcid.encoders import find_text_encoder_layout
+from diffusers_emcid.shapes.checks import conditioning_gap_closed, end_of_text_separation, pipeline_token_ids
+from diffusers_emcid.shapes.render import COLOURS, RESOLUTION, SHAPES, class_names, draw_batch, draw_captions
 
 BPE_MEMBER = "open_clip/bpe_simple_vocab_16e6.txt.gz"
 JUDGE_RESOLUTION = 64
