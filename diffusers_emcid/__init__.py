@@ -1,9 +1,8 @@
 """diffusers-emcid: EMCID concept editing (Xiong et al., ECCV 2024) for diffusers pipelines."""
 
 from .config import PRESETS, EMCIDConfig
-from .debias import clip_zero_shot_judge
 from .editor import EMCIDEditor
-from .evaluation import EvaluationPrompt, ImageClassifierJudge, evaluate_edits
+from .evaluation import EvaluationPrompt, ImageClassifierJudge, clip_zero_shot_judge, evaluate_edits
 from .errors import BaseModelMismatchError, ConceptEditsLoadError, EMCIDFormatError, EMCIDNumericalError
 from .edits import ConceptEdits
 from .loaders import PIPELINES_WITH_CONCEPT_EDITS, ConceptEditsLoaderMixin, add_concept_edit_methods

@@ -13,7 +13,7 @@ For each profession (the *source*, e.g. `"a doctor"`) and a list of attribute te
    - the step decays first, `step <- step - step * i / max_iter` (compounding; unchanged at i = 0);
    - the profession alone is edited with the blended z (stage 2 on one request), 25 images of
      `"an image of {source}"` are drawn with one generator seeded by the profession's seed, and a judge
-     (zero-shot CLIP over the attribute phrases) labels each image with its most likely attribute:
+     (e.g. zero-shot CLIP over the attribute phrases, `evaluation.clip_zero_shot_judge`) labels each image with its most likely attribute:
      ratio_j is the share of images labelled j, and diff_j = ratio_j - 1/n;
    - if max_j |diff_j| <= tolerance the loop stops;
    - otherwise f_j <- max(f_j - step * diff_j, 0), the factors are renormalised to sum to 1, the edit
@@ -35,7 +35,7 @@ import logging
 import math
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterator, Sequence, Union
+from typing import Callable, Iterator, Sequence
 
 import torch
 from diffusers import DiffusionPipeline
@@ -48,9 +48,6 @@ from .encoders import EditedEncoder
 from .hooks import low_rank_output_offsets
 from .images import draw_with_config
 from .requests import ConceptEdit, as_concept_edits, canonical_order, check_template
-
-if TYPE_CHECKING:  # pragma: no cover
-    from transformers import CLIPModel, CLIPProcessor
 
 logger = logging.getLogger(__name__)
 
@@ -211,7 +208,7 @@ def blend_factors(
     return BlendSearch(factors, ratios, len(history), False, history)
 
 
-def blend_vectors(vectors: Union[torch.Tensor, Sequence[torch.Tensor]], factors: torch.Tensor) -> torch.Tensor:
+def blend_vectors(vectors: torch.Tensor | Sequence[torch.Tensor], factors: torch.Tensor) -> torch.Tensor:
     """The blended stage-1 vector `sum_j factors[j] * vectors[j]`, in the vectors' dtype.
 
     Args:
@@ -277,38 +274,6 @@ def judge_ratios(judge: JudgeFn, images: list[Image.Image], phrases: list[str]) 
         raise ValueError("judge_ratios got no images; draw at least one.")
     probabilities = check_judge_output(judge(list(images), list(phrases)), len(images), len(phrases))
     return attribute_ratios(probabilities)
-
-
-def clip_zero_shot_judge(
-    model: "CLIPModel", processor: "CLIPProcessor", device: Union[str, torch.device, None] = None
-) -> JudgeFn:
-    """A judge that classifies images zero-shot with a CLIP model: softmax of `logits_per_image` over the phrases.
-
-    Nothing is downloaded: pass a loaded model and processor, e.g. `CLIPModel.from_pretrained(
-    "openai/clip-vit-large-patch14")` (the authors' judge) and its `CLIPProcessor`. The model is used as
-    it is (from_pretrained gives eval mode) and is not moved; inputs go to `device`, by default the model's.
-
-    Returns:
-        `judge(images, phrases)` giving a (num_images, num_phrases) float32 CPU tensor whose rows sum to 1.
-    """
-    parameter = next(model.parameters())
-    target_device = torch.device(device) if device is not None else parameter.device
-
-    def judge(images: list[Image.Image], phrases: list[str]) -> torch.Tensor:
-        if not images or not phrases:
-            raise ValueError(
-                f"The CLIP judge needs images and phrases, got {len(images)} images and {len(phrases)} phrases."
-            )
-        inputs = processor(text=list(phrases), images=list(images), return_tensors="pt", padding=True)
-        inputs = {key: value.to(target_device) for key, value in inputs.items()}
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(parameter.dtype)
-        with torch.no_grad():
-            logits = model(**inputs).logits_per_image
-        probabilities = logits.float().softmax(dim=-1).cpu()
-        return check_judge_output(probabilities, len(images), len(phrases))
-
-    return judge
 
 
 @dataclass(frozen=True)
@@ -444,7 +409,6 @@ __all__ = [
     "blend_factors",
     "blend_vectors",
     "check_judge_output",
-    "clip_zero_shot_judge",
     "deltas_in_effect",
     "judge_ratios",
     "profession_requests",

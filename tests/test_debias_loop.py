@@ -14,9 +14,9 @@ from diffusers_emcid.debias import (
     blend_factors,
     blend_vectors,
     check_judge_output,
-    clip_zero_shot_judge,
     judge_ratios,
 )
+from diffusers_emcid.evaluation import clip_zero_shot_judge
 from diffusers_emcid.testing import toy_clip_tokenizer
 
 # ---------------------------------------------------------------- attribute phrases

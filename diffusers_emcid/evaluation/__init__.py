@@ -1,7 +1,7 @@
 """Measuring edits: judges (image classifiers) and the ICEB-style before/after metrics of the paper."""
 
 from .drift import conditioning_change, pipeline_conditioning
-from .judges import ImageClassifierJudge, Judge, concept_labels, concept_probability
+from .judges import ImageClassifierJudge, Judge, clip_zero_shot_judge, concept_labels, concept_probability
 from ..images import draw_images, draw_prompt_images
 from .metrics import GROUPS, EditEvaluation, EvaluationPrompt, evaluate_edits, load_evaluation_prompts, summarize
 
@@ -11,6 +11,7 @@ __all__ = [
     "EvaluationPrompt",
     "ImageClassifierJudge",
     "Judge",
+    "clip_zero_shot_judge",
     "concept_labels",
     "concept_probability",
     "conditioning_change",

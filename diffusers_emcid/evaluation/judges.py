@@ -1,7 +1,8 @@
 """Judges: image classifiers that say how probable a concept is in each image.
 
-A judge is any callable `judge(images) -> (num_images, num_labels)` probabilities with a `labels` attribute
-naming its classes. `concept_probability` reads the probability of a concept from those: the sum over the
+A judge of evaluations is any callable `judge(images) -> (num_images, num_labels)` probabilities with a `labels`
+attribute naming its classes; the debiasing loop's judges take the phrases to choose from as well,
+`judge(images, phrases)` (`clip_zero_shot_judge`). `concept_probability` reads the probability of a concept from those: the sum over the
 labels the concept names (a whole label, one of its comma-separated aliases as in ImageNet's, or all of its
 words, so that "square" collects "red square", "blue square", ...).
 """
@@ -10,11 +11,16 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Protocol, Sequence
+from typing import TYPE_CHECKING, Protocol, Sequence, Union
 
 import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForImageClassification, PreTrainedModel
+
+from ..debias import JudgeFn, check_judge_output
+
+if TYPE_CHECKING:  # pragma: no cover
+    from transformers import CLIPModel, CLIPProcessor
 
 
 class Judge(Protocol):
@@ -86,3 +92,35 @@ def concept_labels(labels: Sequence[str], concept: str | int) -> list[int]:
 def concept_probability(probabilities: torch.Tensor, labels: Sequence[str], concept: str | int) -> torch.Tensor:
     """P(concept) per image: the summed probabilities of the labels `concept` names, shape (num_images,)."""
     return probabilities[:, concept_labels(labels, concept)].sum(dim=1)
+
+
+def clip_zero_shot_judge(
+    model: "CLIPModel", processor: "CLIPProcessor", device: Union[str, torch.device, None] = None
+) -> JudgeFn:
+    """A judge that classifies images zero-shot with a CLIP model: softmax of `logits_per_image` over the phrases.
+
+    Nothing is downloaded: pass a loaded model and processor, e.g. `CLIPModel.from_pretrained(
+    "openai/clip-vit-large-patch14")` (the authors' judge) and its `CLIPProcessor`. The model is used as
+    it is (from_pretrained gives eval mode) and is not moved; inputs go to `device`, by default the model's.
+
+    Returns:
+        `judge(images, phrases)` giving a (num_images, num_phrases) float32 CPU tensor whose rows sum to 1.
+    """
+    parameter = next(model.parameters())
+    target_device = torch.device(device) if device is not None else parameter.device
+
+    def judge(images: list[Image.Image], phrases: list[str]) -> torch.Tensor:
+        if not images or not phrases:
+            raise ValueError(
+                f"The CLIP judge needs images and phrases, got {len(images)} images and {len(phrases)} phrases."
+            )
+        inputs = processor(text=list(phrases), images=list(images), return_tensors="pt", padding=True)
+        inputs = {key: value.to(target_device) for key, value in inputs.items()}
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(parameter.dtype)
+        with torch.no_grad():
+            logits = model(**inputs).logits_per_image
+        probabilities = logits.float().softmax(dim=-1).cpu()
+        return check_judge_output(probabilities, len(images), len(phrases))
+
+    return judge
