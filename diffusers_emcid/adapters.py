@@ -10,7 +10,7 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from .encoders import TextEncoderLayout
+from .encoders import TextEncoderLayout, fc2_module_path
 from .stage2 import LowRankDelta
 
 
@@ -31,6 +31,21 @@ def adapter_names(model: torch.nn.Module) -> set[str]:
     return set(getattr(model, "peft_config", {}) or {})
 
 
+def lora_config(deltas: Mapping[int, LowRankDelta]) -> LoraConfig:
+    """The PEFT `LoraConfig` of one text encoder's updates (layer index -> delta): each fc2 gets its own rank and
+    alpha = rank (scale 1). Injected by `inject_lora_deltas`, and written in files for diffusers to load."""
+    ranks = {fc2_module_path(layer): delta.rank for layer, delta in deltas.items()}
+    return LoraConfig(
+        r=max(ranks.values()),
+        lora_alpha=max(ranks.values()),
+        rank_pattern=ranks,
+        alpha_pattern=ranks,
+        target_modules=sorted(ranks),
+        lora_dropout=0.0,
+        init_lora_weights=False,
+    )
+
+
 def _tuner_layers(model: torch.nn.Module) -> list[tuple[str, BaseTunerLayer]]:
     return [(name, module) for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
 
@@ -49,25 +64,14 @@ def inject_lora_deltas(layout: TextEncoderLayout, deltas: Mapping[int, LowRankDe
             f"The text encoder already has an adapter named {adapter_name!r}; pass another name or remove it first."
         )
     active = _active_adapters(model)
-    paths = {layer: layout.fc2_path(layer) for layer in deltas}
-    ranks = {paths[layer]: delta.rank for layer, delta in deltas.items()}
-    config = LoraConfig(
-        r=max(ranks.values()),
-        lora_alpha=max(ranks.values()),
-        rank_pattern=ranks,
-        alpha_pattern=ranks,
-        target_modules=sorted(paths.values()),
-        lora_dropout=0.0,
-        init_lora_weights=False,
-    )
     state_dict = {}
     for layer, delta in deltas.items():
-        state_dict[f"{paths[layer]}.lora_A.weight"] = delta.down
-        state_dict[f"{paths[layer]}.lora_B.weight"] = delta.up
+        path = layout.fc2_path(layer)
+        state_dict[f"{path}.lora_A.weight"], state_dict[f"{path}.lora_B.weight"] = delta.down, delta.up
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            inject_adapter_in_model(config, model, adapter_name=adapter_name)
+            inject_adapter_in_model(lora_config(deltas), model, adapter_name=adapter_name)
             result = set_peft_model_state_dict(model, state_dict, adapter_name=adapter_name)
         if result.unexpected_keys:
             raise RuntimeError(f"PEFT did not place the adapter weights {result.unexpected_keys[:4]}.")

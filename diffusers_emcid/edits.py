@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import tempfile
@@ -19,13 +18,12 @@ from .cache import fingerprint_tensors
 from .card import render_model_card
 from .config import EMCIDConfig
 from .encoders import TextEncoderLayout, find_text_encoder_layout
-from .errors import BaseModelMismatchError, EMCIDFormatError
+from .errors import BaseModelMismatchError
 from .requests import ConceptEdit
 from .serialization import (
     FILE_NAMES,
-    FORMAT_NAME,
-    FORMAT_VERSION,
     STORAGE_DTYPES,
+    Manifest,
     max_abs_error,
     read_adapter_folder,
     storage_factors,
@@ -219,30 +217,13 @@ class ConceptEdits:
     # ------------------------------------------------------------------ files and the Hub
 
     def manifest(self, storage_dtype: str = "float32", storage_error: float = 0.0, shareable: bool = False) -> dict[str, Any]:
-        """The JSON-ready description stored next to the weights."""
-        from . import __version__
+        """The JSON-ready description stored next to the weights (`Manifest.to_dict`)."""
+        return self._manifest(storage_dtype, storage_error, shareable).to_dict()
 
-        components = {}
-        for component, deltas in self.deltas.items():
-            any_delta = next(iter(deltas.values()))
-            components[component] = {
-                "layers": sorted(deltas),
-                "hidden_size": any_delta.up.shape[0],
-                "intermediate_size": any_delta.down.shape[1],
-                "base_fingerprint": self.base_fingerprints.get(component),
-            }
-        return {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "library_version": __version__,
-            "base_model": _shareable_model_id(self.base_model) if shareable else self.base_model,
-            "concepts": [request.to_dict() for request in self.requests],
-            "config": self.config.to_dict(),
-            "z_layers": self.z_layers,
-            "components": components,
-            "storage_dtype": storage_dtype,
-            "storage_max_abs_error": storage_error,
-        }
+    def _manifest(self, storage_dtype: str, storage_error: float, shareable: bool) -> Manifest:
+        base_model = _shareable_model_id(self.base_model) if shareable else self.base_model
+        return Manifest.build(self.requests, self.config, self.z_layers, self.deltas, base_model,
+                              self.base_fingerprints, storage_dtype=storage_dtype, storage_max_abs_error=storage_error)
 
     def save_pretrained(self, save_directory: str | os.PathLike, dtype: torch.dtype | str = torch.float32) -> Path:
         """Writes the edits to a folder that `from_pretrained`, `pipe.load_concept_edits` and plain
@@ -266,8 +247,8 @@ class ConceptEdits:
         error = max_abs_error(self.deltas, stored) if dtype_name != "float32" else 0.0
         if error:
             logger.warning("Stored the edits in %s: largest absolute error of a weight update %.3g.", dtype_name, error)
-        manifest = self.manifest(dtype_name, error, shareable=shareable)
-        card = render_model_card(self.requests, manifest["base_model"], {c: sorted(d) for c, d in self.deltas.items()})
+        manifest = self._manifest(dtype_name, error, shareable)
+        card = render_model_card(self.requests, manifest.base_model, {c: sorted(d) for c, d in self.deltas.items()})
         write_adapter_folder(folder, stored, self.vectors, manifest, card, STORAGE_DTYPES[dtype_name])
         return folder
 
@@ -293,25 +274,9 @@ class ConceptEdits:
                 force_download=force_download, allow_patterns=list(FILE_NAMES),
             ))
         deltas, vectors, manifest = read_adapter_folder(folder)
-        known = {f.name for f in dataclasses.fields(EMCIDConfig)}
-        try:
-            config = EMCIDConfig(**{k: v for k, v in dict(manifest.get("config") or {}).items() if k in known})
-            requests = [
-                ConceptEdit(c["source"], c["destination"], tuple(c["templates"]), c["seed"], None,
-                            bool(c.get("text_alignment", True)), bool(c.get("use_real_noise", False)))
-                for c in manifest["concepts"]
-            ]
-        except (TypeError, ValueError) as error:
-            raise EMCIDFormatError(f"The manifest of {repo_or_dir} describes invalid concepts or settings: {error}") from error
-        z_layers = manifest.get("z_layers")
-        if not isinstance(z_layers, dict) or set(z_layers) != set(deltas) or not all(
-            isinstance(z, int) and not isinstance(z, bool) for z in z_layers.values()
-        ):
-            raise EMCIDFormatError(f"The manifest of {repo_or_dir} has no valid z_layers for {sorted(deltas)}.")
-        fingerprints = {c: info["base_fingerprint"] for c, info in manifest["components"].items() if isinstance(info.get("base_fingerprint"), str)}
-        base_model = manifest.get("base_model")
-        return cls(requests=requests, vectors=vectors or {}, deltas=deltas, config=config, z_layers=z_layers,
-                   base_model=base_model if isinstance(base_model, str) else None, base_fingerprints=fingerprints)
+        return cls(requests=manifest.requests(), vectors=vectors or {}, deltas=deltas, config=manifest.config,
+                   z_layers=manifest.z_layers, base_model=manifest.base_model,
+                   base_fingerprints=manifest.base_fingerprints)
 
     def push_to_hub(
         self,

@@ -7,8 +7,19 @@ from safetensors.torch import load_file, save_file
 
 import diffusers_emcid  # noqa: F401  (adds the pipeline methods)
 from diffusers_emcid import ConceptEdit, ConceptEdits, EMCIDFormatError
-from diffusers_emcid.serialization import FORMAT_VERSION, MANIFEST_HEADER_KEY, VECTORS_NAME, WEIGHTS_NAME
-from diffusers_emcid.testing import tiny_sd_pipeline
+from diffusers_emcid.adapters import inject_lora_deltas, layers_with_adapter, lora_config
+from diffusers_emcid.encoders import find_text_encoder_layout
+from diffusers_emcid.serialization import (
+    FORMAT_VERSION,
+    LORA_METADATA_FIELDS,
+    MANIFEST_HEADER_KEY,
+    VECTORS_NAME,
+    WEIGHTS_NAME,
+    Manifest,
+    lora_adapter_metadata,
+)
+from diffusers_emcid.stage2 import LowRankDelta
+from diffusers_emcid.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
 
 from .conftest import assert_pipeline_unchanged, encode, model_state
 
@@ -201,3 +212,61 @@ def test_a_model_of_another_shape_is_refused(edits, tmp_path):
 def test_bad_storage_dtype(edits, tmp_path):
     with pytest.raises(ValueError, match="not a storage precision"):
         edits.save_pretrained(tmp_path / "x", dtype=torch.int8)
+
+
+def manifest_of(edits):
+    return Manifest.build(edits.requests, edits.config, edits.z_layers, edits.deltas, edits.base_model,
+                          edits.base_fingerprints)
+
+
+def test_manifest_round_trips_through_its_dict_and_json(edits):
+    manifest = manifest_of(edits)
+    assert manifest.to_dict() == edits.manifest()
+    assert Manifest.from_dict(manifest.to_dict(), "memory") == manifest
+    assert Manifest.from_json(manifest.to_json(), "memory") == manifest
+    assert [r.resolved_seed for r in manifest.requests()] == [r.resolved_seed for r in edits.requests]
+
+
+def test_manifest_warns_of_unknown_keys_and_ignores_them(edits, caplog):
+    data = edits.manifest()
+    data["extra_field"] = 1
+    data["config"]["new_field"] = "x"
+    data["concepts"][0]["mood"] = "happy"
+    data["components"]["text_encoder"]["notes"] = []
+    with caplog.at_level("WARNING", logger="diffusers_emcid.serialization"):
+        manifest = Manifest.from_dict(data, "somewhere.json")
+    assert manifest == manifest_of(edits)
+    warnings = "\n".join(record.getMessage() for record in caplog.records)
+    for key in ("extra_field", "new_field", "mood", "notes"):
+        assert key in warnings
+    assert "somewhere.json" in warnings
+
+
+def test_a_saved_folder_loads_without_warnings(edits, tmp_path, caplog):
+    folder = edits.save_pretrained(tmp_path / "edits")
+    with caplog.at_level("WARNING", logger="diffusers_emcid"):
+        ConceptEdits.from_pretrained(folder)
+    assert caplog.records == []
+
+
+def test_the_injected_lora_config_is_the_one_in_the_header():
+    # text_encoder_2 of SD-XL keeps transformers' `text_model.` level, which the file's module paths leave out
+    text_encoder = tiny_sdxl_pipeline(seed=0).text_encoder_2
+    layout = find_text_encoder_layout(text_encoder, "text_encoder_2")
+    generator = torch.Generator().manual_seed(0)
+    deltas = {
+        layer: LowRankDelta(up=torch.randn(layout.hidden_size, rank, generator=generator),
+                            down=torch.randn(rank, layout.intermediate_size, generator=generator))
+        for layer, rank in [(2, 1), (5, 3)]
+    }
+    inject_lora_deltas(layout, deltas, "edits")
+    injected = text_encoder.peft_config["edits"]
+    assert injected.to_dict() == lora_config(deltas).to_dict()
+    assert injected.rank_pattern == {"encoder.layers.2.mlp.fc2": 1, "encoder.layers.5.mlp.fc2": 3}
+    assert {path: layer.r["edits"] for path, layer in layers_with_adapter(text_encoder, "edits")} == {
+        layout.fc2_path(2): 1, layout.fc2_path(5): 3}
+    header = lora_adapter_metadata({"text_encoder_2": deltas})
+    assert set(header) == {f"text_encoder_2.{field}" for field in LORA_METADATA_FIELDS}
+    for field in LORA_METADATA_FIELDS:
+        value = getattr(injected, field)
+        assert header[f"text_encoder_2.{field}"] == (sorted(value) if isinstance(value, set) else value), field
