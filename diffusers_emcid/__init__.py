@@ -8,8 +8,8 @@ from .edits import ConceptEdits
 from .loaders import PIPELINES_WITH_CONCEPT_EDITS, ConceptEditsLoaderMixin, add_concept_edit_methods
 from .requests import DEFAULT_TEMPLATES, ConceptEdit
 from .stage2 import LowRankDelta
+from .version import __version__
 
-__version__ = "0.1.0"
 
 add_concept_edit_methods(*PIPELINES_WITH_CONCEPT_EDITS)
 

@@ -23,6 +23,12 @@ from transformers.models.clip.modeling_clip import CLIPEncoder, CLIPTextEmbeddin
 SUPPORTED_TEXT_ENCODERS = (CLIPTextModel, CLIPTextModelWithProjection)
 
 
+def fc2_module_path(layer: int) -> str:
+    """The path of `layer`'s fc2 below a CLIP text model, `"encoder.layers.{layer}.mlp.fc2"`: the LoRA target (PEFT
+    matches it as a suffix, with or without transformers' `text_model.` level) and the stem of its keys in files."""
+    return f"encoder.layers.{layer}.mlp.fc2"
+
+
 @dataclass(frozen=True)
 class TextEncoderLayout:
     """Where EMCID acts inside one CLIP text encoder.
@@ -32,8 +38,8 @@ class TextEncoderLayout:
         encoder: the module that runs `layers` in order (a `CLIPEncoder`).
         embeddings: the token and position embeddings, whose output feeds layer 0.
         layers: its transformer layers (`encoder.layers`).
-        layers_path: the dotted path of `layers` inside `model` (`"encoder.layers"` or
-            `"text_model.encoder.layers"`, depending on the transformers version and class).
+        text_model_path: the dotted path, with its final dot, of the module holding `encoder` inside `model` (`""` or
+            `"text_model."`, depending on the transformers version and class).
         hidden_size: d, the width of the residual stream (fc2's output).
         intermediate_size: d_ff, the width of the MLP (fc2's input, the key).
     """
@@ -42,7 +48,7 @@ class TextEncoderLayout:
     encoder: nn.Module
     embeddings: nn.Module
     layers: nn.ModuleList
-    layers_path: str
+    text_model_path: str
 
     @property
     def num_layers(self) -> int:
@@ -62,8 +68,8 @@ class TextEncoderLayout:
         return module.get_base_layer() if hasattr(module, "get_base_layer") else module
 
     def fc2_path(self, layer: int) -> str:
-        """Dotted path of `layer`'s fc2 inside the text encoder, e.g. `"encoder.layers.3.mlp.fc2"`."""
-        return f"{self.layers_path}.{layer}.mlp.fc2"
+        """Dotted path of `layer`'s fc2 inside the text encoder, e.g. `"text_model.encoder.layers.3.mlp.fc2"`."""
+        return self.text_model_path + fc2_module_path(layer)
 
 
 def find_text_encoder_layout(text_encoder: nn.Module, component: str = "text_encoder") -> TextEncoderLayout:
@@ -84,7 +90,7 @@ def find_text_encoder_layout(text_encoder: nn.Module, component: str = "text_enc
     if encoders and embeddings:
         encoder = modules[encoders[0]]
         return TextEncoderLayout(model=text_encoder, encoder=encoder, embeddings=embeddings[0], layers=encoder.layers,
-                                 layers_path=f"{encoders[0]}.layers")
+                                 text_model_path=encoders[0].removesuffix("encoder"))
     raise ValueError(f"No CLIPEncoder found inside the pipeline's {component} ({type(text_encoder).__name__}).")
 
 
