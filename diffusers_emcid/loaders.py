@@ -17,14 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 import torch
-from diffusers import (
-    StableDiffusionImg2ImgPipeline,
-    StableDiffusionInpaintPipeline,
-    StableDiffusionPipeline,
-    StableDiffusionXLImg2ImgPipeline,
-    StableDiffusionXLInpaintPipeline,
-    StableDiffusionXLPipeline,
-)
 
 from .adapters import (
     adapter_names,
@@ -35,6 +27,7 @@ from .adapters import (
     set_adapter_strength,
 )
 from .edits import ConceptEdits
+from .families import all_pipeline_classes
 
 
 @dataclass
@@ -251,14 +244,8 @@ class ConceptEditsLoaderMixin:
         }
 
 
-PIPELINES_WITH_CONCEPT_EDITS = (
-    StableDiffusionPipeline,
-    StableDiffusionImg2ImgPipeline,
-    StableDiffusionInpaintPipeline,
-    StableDiffusionXLPipeline,
-    StableDiffusionXLImg2ImgPipeline,
-    StableDiffusionXLInpaintPipeline,
-)
+PIPELINES_WITH_CONCEPT_EDITS = tuple(all_pipeline_classes())
+"""The pipeline classes of every family (`families.FAMILIES`), which get the concept-edit methods on import."""
 _METHODS = [name for name in vars(ConceptEditsLoaderMixin) if not name.startswith("__")]
 
 
