@@ -66,13 +66,19 @@ def _refuse_non_loopback_connections() -> None:
 
 _refuse_non_loopback_connections()
 
+import contextlib  # noqa: E402
+from typing import Callable, Iterator  # noqa: E402
+
 import huggingface_hub.constants as hf_constants  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from diffusers import StableDiffusionPipeline  # noqa: E402
+from diffusers import DiffusionPipeline  # noqa: E402
+from hypothesis import HealthCheck  # noqa: E402
 
 from diffusers_emcid import EMCIDConfig, EMCIDEditor  # noqa: E402
-from diffusers_emcid.testing import tiny_sd_pipeline  # noqa: E402
+from diffusers_emcid.evaluation import pipeline_conditioning  # noqa: E402
+from diffusers_emcid.families import pipeline_family  # noqa: E402
+from diffusers_emcid.testing import random_captions, tiny_sd2_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline  # noqa: E402
 
 # Should huggingface_hub have been imported before this file (by a plugin), point it at the loopback Hub anyway.
 hf_constants.ENDPOINT = HUB.endpoint
@@ -114,25 +120,74 @@ CAPTIONS = [
 ]
 
 
-@pytest.fixture
-def pipe() -> StableDiffusionPipeline:
-    return tiny_sd_pipeline(seed=0)
+PROMPTS = ["a photo of a dog", "an apple", "a red car", "painting by Van Gogh"]
+"""Prompts whose conditioning tests compare, edited ones among them."""
+FAMILY_PIPELINES: dict[str, Callable[..., DiffusionPipeline]] = {
+    "sd1": tiny_sd_pipeline, "sd2": tiny_sd2_pipeline, "sdxl": tiny_sdxl_pipeline,
+}
+"""The tiny pipeline of each family the package supports."""
+FUZZ_SETTINGS = dict(deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                         HealthCheck.function_scoped_fixture])
+"""Hypothesis settings of the property tests besides the number of examples: no deadline (pipelines are slow to
+build), no example database (runs are reproducible from the seed), and fixtures shared by the examples."""
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A test module that sets `EVERY_FAMILY = True` runs each of its tests that uses the `family` fixture (also
+    through `pipe`, `editor`, `make_pipe`) on SD 1.x, SD 2.x and SD-XL."""
+    if getattr(metafunc.module, "EVERY_FAMILY", False) and "family" in metafunc.fixturenames:
+        metafunc.parametrize("family", list(FAMILY_PIPELINES), indirect=True)
 
 
 @pytest.fixture
-def fast_config() -> EMCIDConfig:
-    """The paper preset with few steps, so stage 1 takes a fraction of a second per concept."""
-    return EMCIDConfig.from_preset("sd1-paper", num_steps=8, image_num_inference_steps=2)
+def family(request: pytest.FixtureRequest) -> str:
+    """The family under test: `"sd1"` unless the module runs every family (`EVERY_FAMILY`)."""
+    return getattr(request, "param", "sd1")
 
 
 @pytest.fixture
-def editor(pipe: StableDiffusionPipeline, fast_config: EMCIDConfig, tmp_path) -> EMCIDEditor:
+def make_pipe(family: str) -> Callable[..., DiffusionPipeline]:
+    """The family's tiny-pipeline constructor (`seed=` gives another set of random weights)."""
+    return FAMILY_PIPELINES[family]
+
+
+@pytest.fixture
+def pipe(make_pipe: Callable[..., DiffusionPipeline]) -> DiffusionPipeline:
+    return make_pipe(seed=0)
+
+
+@pytest.fixture
+def fast_config(pipe: DiffusionPipeline) -> EMCIDConfig:
+    """The family's default preset with few steps, so stage 1 takes a fraction of a second per concept."""
+    return EMCIDConfig.from_preset(pipeline_family(pipe).default_preset, num_steps=8, image_num_inference_steps=2)
+
+
+@pytest.fixture
+def editor(pipe: DiffusionPipeline, fast_config: EMCIDConfig, family: str, tmp_path) -> EMCIDEditor:
+    """An editor with the family's statistics captions."""
     editor = EMCIDEditor(pipe, fast_config, cache_dir=tmp_path / "cache", progress=False)
-    editor.compute_statistics(CAPTIONS)
+    editor.compute_statistics(statistics_captions(family))
     return editor
 
 
-def model_state(pipe: StableDiffusionPipeline) -> dict[str, torch.Tensor]:
+def statistics_captions(family: str) -> list[str]:
+    """The short caption list on SD 1.x; random captions where the keys are wider (its 12 captions leave SD 2.x's and
+    SD-XL's statistics singular)."""
+    return CAPTIONS if family == "sd1" else random_captions()
+
+
+@contextlib.contextmanager
+def counted_calls(module: torch.nn.Module) -> Iterator[list[tuple]]:
+    """Records `(args, kwargs)` of every forward call of `module` for the duration."""
+    calls: list[tuple] = []
+    handle = module.register_forward_pre_hook(lambda _, args, kwargs: calls.append((args, kwargs)), with_kwargs=True)
+    try:
+        yield calls
+    finally:
+        handle.remove()
+
+
+def model_state(pipe: DiffusionPipeline) -> dict[str, torch.Tensor]:
     """A copy of every weight of the pipeline's networks."""
     return {
         f"{name}.{key}": value.detach().clone()
@@ -142,7 +197,7 @@ def model_state(pipe: StableDiffusionPipeline) -> dict[str, torch.Tensor]:
     }
 
 
-def hook_counts(pipe: StableDiffusionPipeline) -> int:
+def hook_counts(pipe: DiffusionPipeline) -> int:
     """Forward hooks on the pipeline's networks, leaving out those transformers installs for itself (it
     captures hidden states through hooks that stay once a model was asked for them)."""
     return sum(
@@ -155,7 +210,7 @@ def hook_counts(pipe: StableDiffusionPipeline) -> int:
     )
 
 
-def assert_pipeline_unchanged(pipe: StableDiffusionPipeline, state: dict[str, torch.Tensor], hooks: int = 0) -> None:
+def assert_pipeline_unchanged(pipe: DiffusionPipeline, state: dict[str, torch.Tensor], hooks: int = 0) -> None:
     now = model_state(pipe)
     assert now.keys() == state.keys(), "the pipeline's module structure changed"
     changed = [key for key in state if not torch.equal(state[key], now[key])]
@@ -163,9 +218,6 @@ def assert_pipeline_unchanged(pipe: StableDiffusionPipeline, state: dict[str, to
     assert hook_counts(pipe) == hooks, "hooks were left on the pipeline"
 
 
-def encode(pipe: StableDiffusionPipeline, prompts: list[str]) -> torch.Tensor:
-    """The conditioning the pipeline gives its UNet: (B, 77, d)."""
-    ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         return_tensors="pt").input_ids
-    with torch.no_grad():
-        return pipe.text_encoder(ids)[0]
+def encode(pipe: DiffusionPipeline, prompts: list[str]) -> torch.Tensor:
+    """The conditioning the pipeline gives its UNet: (B, 77, D)."""
+    return pipeline_conditioning(pipe, prompts)

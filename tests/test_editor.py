@@ -5,7 +5,7 @@ from transformers import BertConfig, BertModel
 from diffusers_emcid import ConceptEdit, EMCIDEditor
 from diffusers_emcid.encoders import find_text_encoder_layout
 
-from .conftest import CAPTIONS, assert_pipeline_unchanged, encode, hook_counts, model_state
+from .conftest import CAPTIONS, assert_pipeline_unchanged, counted_calls, encode, hook_counts, model_state
 
 
 def test_edit_leaves_the_pipeline_untouched(editor, pipe):
@@ -118,13 +118,8 @@ def test_two_edit_sets_stay_active_together(editor, pipe):
 )
 def test_bad_input_fails_fast_and_changes_nothing(editor, pipe, make_requests, message):
     state = model_state(pipe)
-    calls = []
-    handle = pipe.unet.register_forward_pre_hook(lambda *args: calls.append(1))
-    try:
-        with pytest.raises((ValueError, TypeError), match=message):
-            editor.edit(make_requests())
-    finally:
-        handle.remove()
+    with counted_calls(pipe.unet) as calls, pytest.raises((ValueError, TypeError), match=message):
+        editor.edit(make_requests())
     assert not calls, "heavy work ran before the bad input was noticed"
     assert_pipeline_unchanged(pipe, state)
 

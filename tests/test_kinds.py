@@ -1,6 +1,5 @@
 """Every kind of edit of the paper (update, erase, rectify, debias) on SD 1.x, SD 2.x and SD-XL pipelines."""
 
-import contextlib
 
 import pytest
 import torch
@@ -12,17 +11,7 @@ import diffusers_emcid  # noqa: F401
 from diffusers_emcid import ConceptEdit, EMCIDConfig, EMCIDEditor
 from diffusers_emcid.testing import tiny_sd2_pipeline, tiny_sdxl_pipeline
 
-from .conftest import CAPTIONS, assert_pipeline_unchanged, encode, model_state
-
-
-@contextlib.contextmanager
-def unet_calls(pipe):
-    calls = []
-    handle = pipe.unet.register_forward_pre_hook(lambda module, args, kwargs: calls.append((args, kwargs)), with_kwargs=True)
-    try:
-        yield calls
-    finally:
-        handle.remove()
+from .conftest import CAPTIONS, assert_pipeline_unchanged, counted_calls, model_state
 
 
 def pooled(pipe, prompts):
@@ -81,10 +70,10 @@ def test_twenty_words_erased_in_one_call(editor, pipe):
 def test_rectify_trains_against_the_true_noise_of_the_given_images(editor, pipe):
     images = [torch.rand(3, 24, 24, generator=torch.Generator().manual_seed(i)) for i in range(3)]
     steps = editor.config.num_steps
-    with unet_calls(pipe) as calls:
+    with counted_calls(pipe.unet) as calls:
         editor.edit([ConceptEdit("apple", "real apple", images=images)])
     assert len(calls) == 2 * steps, "a plain edit with images: edited and target UNet calls at every step"
-    with unet_calls(pipe) as calls:
+    with counted_calls(pipe.unet) as calls:
         edits = editor.rectify([ConceptEdit("apple", "real apple", images=images)], text_alignment=False)
     assert len(calls) == steps, "rectification: the target is the true noise, so one UNet call per step"
     assert edits.requests[0].use_real_noise and not edits.requests[0].text_alignment
@@ -195,7 +184,7 @@ def test_sdxl_is_detected_with_both_encoders_and_their_own_settings(sdxl):
 
 def test_sdxl_stage_1_conditions_the_unet_with_both_encoders_and_the_time_ids(sdxl):
     pipe, editor = sdxl
-    with unet_calls(pipe) as calls:
+    with counted_calls(pipe.unet) as calls:
         editor.edit([ConceptEdit("dog", "cat", images=[torch.rand(3, 16, 16) for _ in range(3)])])
     args, kwargs = calls[0]
     hidden = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)

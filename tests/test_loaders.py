@@ -1,16 +1,15 @@
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 
 import diffusers_emcid  # noqa: F401
 from diffusers_emcid import ConceptEditsLoaderMixin
-from diffusers_emcid.testing import tiny_sd_pipeline
+from diffusers_emcid.encoders import find_text_encoder_layout
 
-from .conftest import assert_pipeline_unchanged, encode, model_state
+from .conftest import PROMPTS, assert_pipeline_unchanged, encode, model_state
 
-PROMPTS = ["a photo of a dog", "an apple", "a red car"]
+EVERY_FAMILY = True
 
 
 @pytest.fixture
@@ -19,14 +18,14 @@ def folder(editor, tmp_path):
 
 
 @pytest.fixture
-def style_lora(tmp_path):
-    """A diffusers LoRA file on the UNet and the text encoder's attention, as users download them."""
-    source = tiny_sd_pipeline(seed=0)
+def style_lora(tmp_path, make_pipe):
+    """A diffusers LoRA file on the UNet and the (first) text encoder's attention, as users download them."""
+    source = make_pipe(seed=0)
     config = LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"], init_lora_weights=False)
     inject_adapter_in_model(config, source.text_encoder, adapter_name="default")
     source.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"], init_lora_weights=False))
     path = tmp_path / "style"
-    StableDiffusionPipeline.save_lora_weights(
+    type(source).save_lora_weights(
         path,
         unet_lora_layers=get_peft_model_state_dict(source.unet),
         text_encoder_lora_layers=get_peft_model_state_dict(source.text_encoder),
@@ -62,15 +61,17 @@ def test_toggles_give_bitwise_base_images_and_the_edited_ones(pipe, folder, edit
     assert info["concepts"] == [("apple", "banana"), ("dog", "cat")] and info["enabled"] and info["strength"] == 1.0
 
 
-def test_strength_equals_a_scaled_delta(pipe, folder, editor):
+def test_strength_equals_a_scaled_delta(pipe, folder):
     edits = diffusers_emcid.ConceptEdits.from_pretrained(folder)
     name = pipe.load_concept_edits(folder)
     pipe.set_concept_edits([name], strengths=[0.5])
     half = encode(pipe, PROMPTS)
     pipe.unload_concept_edits()
     with torch.no_grad():
-        for layer, delta in edits.deltas["text_encoder"].items():
-            editor.layout.fc2(layer).weight += 0.5 * delta.up @ delta.down
+        for component, deltas in edits.deltas.items():
+            layout = find_text_encoder_layout(getattr(pipe, component))
+            for layer, delta in deltas.items():
+                layout.fc2(layer).weight += 0.5 * delta.up @ delta.down
     torch.testing.assert_close(half, encode(pipe, PROMPTS), rtol=0, atol=1e-5)
 
 
@@ -145,8 +146,8 @@ def test_other_loras_before_and_after_coexist_and_toggle_independently(pipe, fol
     torch.testing.assert_close(encode(pipe, PROMPTS), edits_only, rtol=0, atol=1e-6)
 
 
-def test_a_stale_lora_scale_does_not_scale_the_edits(pipe, folder):
-    expected_pipe = tiny_sd_pipeline(seed=0)
+def test_a_stale_lora_scale_does_not_scale_the_edits(pipe, folder, make_pipe):
+    expected_pipe = make_pipe(seed=0)
     expected_pipe.load_concept_edits(folder)
     expected = encode(expected_pipe, PROMPTS)
     pipe("a dog", num_inference_steps=1, cross_attention_kwargs={"scale": 0.3})
@@ -163,12 +164,13 @@ def test_a_taken_name_is_refused_and_default_names_are_unique(pipe, folder):
     assert_pipeline_unchanged(pipe, state)
 
 
-def test_the_mixin_serves_a_custom_pipeline_class(folder):
-    class MyPipeline(StableDiffusionPipeline, ConceptEditsLoaderMixin):
+def test_the_mixin_serves_a_custom_pipeline_class(folder, make_pipe):
+    source = make_pipe(seed=0)
+
+    class MyPipeline(type(source), ConceptEditsLoaderMixin):
         pass
 
-    source = tiny_sd_pipeline(seed=0)
-    custom = MyPipeline(**source.components, requires_safety_checker=False)
+    custom = MyPipeline(**source.components)
     name = custom.load_concept_edits(folder)
     assert custom.get_concept_edits()[name]["concepts"] == [("apple", "banana"), ("dog", "cat")]
 

@@ -3,13 +3,16 @@ import torch
 
 from diffusers_emcid import ConceptEdits
 
-from .conftest import CAPTIONS
+from .conftest import statistics_captions
+
+EVERY_FAMILY = True
 
 
 def assert_same_deltas(a: ConceptEdits, b: ConceptEdits):
-    assert a.concepts == b.concepts
-    for layer, delta in a.deltas["text_encoder"].items():
-        torch.testing.assert_close(delta.dense(), b.deltas["text_encoder"][layer].dense(), rtol=1e-5, atol=1e-6)
+    assert a.concepts == b.concepts and a.deltas.keys() == b.deltas.keys()
+    for component, deltas in a.deltas.items():
+        for layer, delta in deltas.items():
+            torch.testing.assert_close(delta.dense(), b.deltas[component][layer].dense(), rtol=1e-5, atol=1e-6)
 
 
 def test_merge_equals_a_joint_edit(editor, pipe):
@@ -29,11 +32,11 @@ def test_without_equals_an_edit_of_the_rest(editor, pipe, tmp_path):
         editor.without(everything, ["dog", "apple", "car"])
 
 
-def test_merging_different_layers_is_refused(editor, pipe):
+def test_merging_different_layers_is_refused(editor, pipe, family):
     dogs = editor.edit([("dog", "cat")])
-    editor.config.layers = "1:-1"
+    editor.config.layers = "2:-1"  # differs from every family's default
     other = type(editor)(pipe, editor.config, cache_dir=editor.cache.root, progress=False)
-    other.compute_statistics(CAPTIONS)
+    other.compute_statistics(statistics_captions(family))
     apples = other.edit([("apple", "banana")])
     with pytest.raises(ValueError, match="different layers"):
         editor.merge(dogs, apples)

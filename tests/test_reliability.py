@@ -15,7 +15,7 @@ import yaml
 from diffusers_emcid import ConceptEdit, ConceptEdits, EMCIDConfig, EMCIDEditor, EMCIDNumericalError, LowRankDelta
 from diffusers_emcid.serialization import CARD_NAME, MANIFEST_NAME, VECTORS_NAME, WEIGHTS_NAME
 
-from .conftest import assert_pipeline_unchanged, model_state
+from .conftest import assert_pipeline_unchanged, counted_calls, model_state
 
 ROOT = Path(__file__).resolve().parents[1]
 ADAPTER_FILES = (WEIGHTS_NAME, VECTORS_NAME, MANIFEST_NAME, CARD_NAME)
@@ -82,13 +82,9 @@ def test_rank_deficient_statistics_are_refused_before_stage_1(pipe, fast_config,
     with caplog.at_level(logging.WARNING):
         editor.compute_statistics(["a dog", "a cat"])
     assert "rank-deficient" in caplog.text and "more captions" in caplog.text
-    calls = []
-    handle = pipe.unet.register_forward_pre_hook(lambda *args: calls.append(1))
-    try:
+    with counted_calls(pipe.unet) as calls:
         with pytest.raises(EMCIDNumericalError, match="fewer than the 64 key dimensions.*more captions"):
             editor.edit([("dog", "cat")])
-    finally:
-        handle.remove()
     assert not calls
 
 

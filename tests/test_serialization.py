@@ -21,9 +21,14 @@ from diffusers_emcid.serialization import (
 from diffusers_emcid.stage2 import LowRankDelta
 from diffusers_emcid.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
 
-from .conftest import assert_pipeline_unchanged, encode, model_state
+from .conftest import PROMPTS, assert_pipeline_unchanged, encode, model_state
 
-PROMPTS = ["a photo of a dog", "painting by Van Gogh", "a red car"]
+EVERY_FAMILY = True
+EDITED_LAYERS = {
+    "sd1": {"text_encoder": [0, 1, 2, 3]},  # "0:-1" of 5 layers
+    "sd2": {"text_encoder": [0, 1, 2, 3, 4]},  # of 6
+    "sdxl": {"text_encoder": [1, 2, 3], "text_encoder_2": [1, 2, 3, 4, 5]},  # "-4:-1" of 5, "-6:-1" of 7
+}
 
 
 @pytest.fixture
@@ -47,7 +52,8 @@ def test_round_trip_gives_the_in_memory_outputs(edits, pipe, in_memory, tmp_path
     assert loaded.concepts == edits.concepts
     assert [r.templates for r in loaded.requests] == [r.templates for r in edits.requests]
     assert [r.resolved_seed for r in loaded.requests] == [r.resolved_seed for r in edits.requests]
-    assert torch.equal(loaded.vectors["text_encoder"], edits.vectors["text_encoder"])
+    assert loaded.vectors.keys() == edits.vectors.keys()
+    assert all(torch.equal(loaded.vectors[c], edits.vectors[c]) for c in edits.vectors)
     assert loaded.config == edits.config and loaded.z_layers == edits.z_layers
     loaded.apply(pipe)
     assert (encode(pipe, PROMPTS) - in_memory).abs().max() <= 1e-6
@@ -60,29 +66,30 @@ def test_16_bit_storage_stays_within_the_reported_error(edits, pipe, tmp_path, d
     assert manifest["storage_dtype"] == str(dtype).removeprefix("torch.")
     loaded = ConceptEdits.from_pretrained(folder)
     errors = [
-        (loaded.deltas["text_encoder"][layer].to(torch.float64).dense() - delta.to(torch.float64).dense()).abs().max().item()
-        for layer, delta in edits.deltas["text_encoder"].items()
+        (loaded.deltas[component][layer].to(torch.float64).dense() - delta.to(torch.float64).dense()).abs().max().item()
+        for component, deltas in edits.deltas.items()
+        for layer, delta in deltas.items()
     ]
     assert 0 < max(errors) <= manifest["storage_max_abs_error"] * (1 + 1e-6)
     with safe_open(str(folder / WEIGHTS_NAME), "pt") as file:
         assert all(file.get_slice(k).get_dtype() == ("F16" if dtype == torch.float16 else "BF16") for k in file.keys())
 
 
-def test_plain_diffusers_loads_the_same_file(edits, tmp_path, in_memory):
+def test_plain_diffusers_loads_the_same_file(edits, tmp_path, in_memory, make_pipe):
     folder = edits.save_pretrained(tmp_path / "edits")
-    plain = tiny_sd_pipeline(seed=0)
+    plain = make_pipe(seed=0)
     plain.load_lora_weights(str(folder), adapter_name="edits")
-    ours = tiny_sd_pipeline(seed=0)
+    ours = make_pipe(seed=0)
     ours.load_concept_edits(folder)
     torch.testing.assert_close(encode(plain, PROMPTS), encode(ours, PROMPTS), rtol=0, atol=1e-6)
     torch.testing.assert_close(encode(plain, PROMPTS), in_memory, rtol=0, atol=1e-6)
 
 
-def test_keys_keep_the_text_model_prefix_and_the_manifest_is_in_the_header(edits, tmp_path):
+def test_keys_keep_the_text_model_prefix_and_the_manifest_is_in_the_header(edits, tmp_path, family):
     folder = edits.save_pretrained(tmp_path / "edits")
     with safe_open(str(folder / WEIGHTS_NAME), "pt") as file:
         keys, metadata = list(file.keys()), file.metadata()
-    assert all(k.startswith("text_encoder.text_model.encoder.layers.") for k in keys)
+    assert {k.split(".text_model.encoder.layers.")[0] for k in keys} == set(EDITED_LAYERS[family])
     assert json.loads(metadata[MANIFEST_HEADER_KEY]) == json.loads((folder / "emcid_manifest.json").read_text())
     lora_config = json.loads(metadata["lora_adapter_metadata"])
     assert lora_config["text_encoder.lora_alpha"] == lora_config["text_encoder.r"]
@@ -90,8 +97,8 @@ def test_keys_keep_the_text_model_prefix_and_the_manifest_is_in_the_header(edits
     assert manifest["concepts"][1] == {"source": "Van Gogh", "destination": "art", "templates": ["painting by {}", "style of {}"],
                                        "seed": edits.requests[1].resolved_seed, "num_images": 0, "text_alignment": True,
                                        "use_real_noise": False}
-    assert manifest["components"]["text_encoder"]["layers"] == [0, 1, 2, 3]
-    assert len(manifest["components"]["text_encoder"]["base_fingerprint"]) == 64
+    assert {c: info["layers"] for c, info in manifest["components"].items()} == EDITED_LAYERS[family]
+    assert all(len(info["base_fingerprint"]) == 64 for info in manifest["components"].values())
 
 
 def test_model_card_has_yaml_metadata_concepts_and_citation(edits, tmp_path):
@@ -191,9 +198,9 @@ def test_vectors_from_another_save_are_detected(editor, tmp_path):
         ConceptEdits.from_pretrained(first)
 
 
-def test_other_base_weights_are_refused_unless_forced(edits, tmp_path):
+def test_other_base_weights_are_refused_unless_forced(edits, tmp_path, make_pipe):
     folder = edits.save_pretrained(tmp_path / "edits")
-    other = tiny_sd_pipeline(seed=1)
+    other = make_pipe(seed=1)
     state = model_state(other)
     with pytest.raises(ValueError, match="other base weights.*force=True"):
         other.load_concept_edits(folder)
@@ -201,9 +208,10 @@ def test_other_base_weights_are_refused_unless_forced(edits, tmp_path):
     assert other.load_concept_edits(folder, force=True) == "edits"
 
 
-def test_a_model_of_another_shape_is_refused(edits, tmp_path):
+def test_a_model_of_another_shape_is_refused(edits, tmp_path, make_pipe):
     folder = edits.save_pretrained(tmp_path / "edits")
-    other = tiny_sd_pipeline(intermediate_size=48)
+    other = make_pipe(seed=0)
+    other.text_encoder = tiny_sd_pipeline(intermediate_size=48).text_encoder  # keys of 48 dimensions, not 64 or 128
     with pytest.raises(ValueError, match="made for another model"):
         other.load_concept_edits(folder, force=True)
     assert not hasattr(other.text_encoder, "peft_config")

@@ -8,6 +8,8 @@ from diffusers_emcid import ConceptEdit, EMCIDConfig, EMCIDEditor, EMCIDNumerica
 from diffusers_emcid.evaluation import conditioning_change
 from diffusers_emcid.testing import random_captions, tiny_sd2_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline
 
+from .conftest import counted_calls
+
 FAMILIES = [tiny_sd_pipeline, tiny_sd2_pipeline, tiny_sdxl_pipeline]
 EMPTY_PROMPT_TOLERANCE = 0.01
 """The empty prompt (classifier-free guidance's unconditional branch) may change by at most 1% of its norm."""
@@ -58,9 +60,7 @@ def test_on_the_trained_shapes_model_other_shapes_and_the_empty_prompt_stay_put(
 
 def test_numerically_singular_statistics_are_refused_before_stage_1(tmp_path):
     pipe = tiny_sd2_pipeline(seed=0)  # keys of 128 dimensions
-    calls = []
-    handle = pipe.unet.register_forward_pre_hook(lambda *args: calls.append(1))
-    try:
+    with counted_calls(pipe.unet) as calls:
         for positions in ("paper", "pipeline"):
             editor = EMCIDEditor(pipe, EMCIDConfig(statistics_positions=positions), cache_dir=tmp_path, progress=False)
             # 300 copies of one caption: 1,800 (paper) or 23,177 (pipeline) positions, but at most 6 or 79 distinct keys
@@ -68,8 +68,6 @@ def test_numerically_singular_statistics_are_refused_before_stage_1(tmp_path):
             with pytest.raises(EMCIDNumericalError, match=r"text_encoder layer 0 are numerically singular.*more, and "
                                                           r"more varied, captions"):
                 editor.edit([("dog", "cat")])
-    finally:
-        handle.remove()
     assert not calls, "the UNet ran before the statistics were refused"
 
 

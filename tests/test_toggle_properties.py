@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 
@@ -35,7 +35,7 @@ from diffusers_emcid import ConceptEdits, EMCIDConfig, EMCIDEditor
 from diffusers_emcid.encoders import find_text_encoder_layout
 from diffusers_emcid.testing import tiny_sd_pipeline
 
-from .conftest import CAPTIONS
+from .conftest import CAPTIONS, FUZZ_SETTINGS
 
 try:
     BaseExceptionGroup
@@ -371,8 +371,7 @@ def test_former_toggle_failure(toggling, ops):
     toggling.run(ops)
 
 
-@settings(max_examples=50, deadline=None, database=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(max_examples=50, **FUZZ_SETTINGS)
 @given(ops=SEQUENCES)
 @with_regressions
 def test_random_toggle_sequences_match_the_model(toggling, ops):
@@ -380,8 +379,7 @@ def test_random_toggle_sequences_match_the_model(toggling, ops):
 
 
 @pytest.mark.slow
-@settings(max_examples=400, deadline=None, database=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(max_examples=400, **FUZZ_SETTINGS)
 @given(ops=SEQUENCES)
 @with_regressions
 def test_random_toggle_sequences_match_the_model_slow(toggling, ops):
