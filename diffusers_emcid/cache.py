@@ -12,7 +12,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from huggingface_hub import constants
@@ -22,6 +22,21 @@ from torch import nn
 
 CACHE_FORMAT_VERSION = 1
 CACHE_ENV_VAR = "EMCID_CACHE"
+
+
+def atomic_file_write(path: Path, write: Callable[[Path], None]) -> Path:
+    """Writes the file `path` atomically: `write(temporary)` fills a temporary file in the same folder, which one rename
+    then moves to `path`, so that an interrupted write leaves the previous file (or none) and no temporary file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem[:16]}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        write(Path(temporary))
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+    return path
 
 
 def default_cache_dir() -> Path:
@@ -125,19 +140,10 @@ class TensorCache:
             return None
 
     def save(self, kind: str, key: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
-        """Writes an entry atomically (temporary file, then rename) and returns its path."""
-        path = self.path(kind, key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{key[:16]}.", suffix=".tmp")
-        os.close(handle)
-        try:
-            tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
-            save_file(tensors, temporary, metadata={"format_version": str(CACHE_FORMAT_VERSION), **(metadata or {})})
-            os.replace(temporary, path)
-        finally:
-            if os.path.exists(temporary):
-                os.unlink(temporary)
-        return path
+        """Writes an entry atomically (`atomic_file_write`) and returns its path."""
+        tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+        header = {"format_version": str(CACHE_FORMAT_VERSION), **(metadata or {})}
+        return atomic_file_write(self.path(kind, key), lambda temporary: save_file(tensors, temporary, metadata=header))
 
     def find(self, kind: str, prefix: str) -> list[Path]:
         """Entries of `kind` whose key starts with `prefix`, oldest first."""

@@ -1,4 +1,4 @@
-"""The `emcid` command: demo, edit, eval, stats and push.
+"""The `emcid` command: demo, edit, eval, stats, push and export.
 
 Exit codes: 0 done; 2 bad input (a missing model or file, a bad pairs or prompts file, no captions); 3 a
 numerical failure of the edit; 130 interrupted.
@@ -26,7 +26,7 @@ from .edits import ConceptEdits
 from .families import pipeline_family
 from .errors import ConceptEditsLoadError, EMCIDNumericalError
 from .evaluation import ImageClassifierJudge, evaluate_edits, load_evaluation_prompts
-from .key_statistics import load_captions
+from .key_statistics import CAPTIONS_ENV_VAR, DEFAULT_CAPTIONS, HUB_URL_PREFIX, default_captions, load_captions
 from .requests import ConceptEdit
 from .shapes import shapes_judge_path, shapes_model_path
 
@@ -160,18 +160,35 @@ def make_config(args: argparse.Namespace, pipe) -> EMCIDConfig:
     return EMCIDConfig.from_preset(preset, **overrides)
 
 
-def read_captions(path: str) -> list[str]:
-    if not Path(path).is_file():
-        raise CommandError(f"the captions file {path!r} does not exist; give a .txt (one caption a line), .json or .jsonl file.")
-    return load_captions(path)
+def read_captions(path: str, column: str | None = None) -> list[str]:
+    if not path.startswith(HUB_URL_PREFIX) and not Path(path).is_file():
+        raise CommandError(
+            f"the captions file {path!r} does not exist; give a .txt (one caption a line), .json, .jsonl, .csv or "
+            f".parquet file, or a Hub dataset's file as {HUB_URL_PREFIX}OWNER/NAME/FILE."
+        )
+    try:
+        return load_captions(path, column)
+    except ImportError as error:
+        raise CommandError(str(error)) from error
 
 
 def command_stats(args: argparse.Namespace) -> None:
+    if args.load and args.captions:
+        raise CommandError("give --captions (to compute the statistics) or --load (to use shared ones), not both.")
     pipe = load_pipeline(args.model, args.device, args.dtype)
     editor = EMCIDEditor(pipe, make_config(args, pipe), cache_dir=args.cache_dir)
-    covariances = editor.compute_statistics(read_captions(args.captions))
+    if args.load:
+        covariances = editor.load_statistics(args.load)
+    else:
+        covariances = editor.compute_statistics(read_captions(args.captions or default_captions(), args.column))
     for component, layers in covariances.items():
         print(f"{component}: statistics of layers {sorted(layers)} cached under {editor.cache.root / 'statistics'}")
+    base_model = None if args.model == SHAPES_MODEL or Path(args.model).exists() else args.model  # Hub ids only
+    if args.save:
+        print(f"saved to {editor.save_statistics(args.save, base_model)}")
+    if args.push:
+        url = editor.push_statistics(args.push, base_model, private=args.private)
+        print(f"pushed to {url} (others load them with: emcid stats --model {args.model} --load {args.push})")
 
 
 def command_edit(args: argparse.Namespace) -> None:
@@ -212,6 +229,12 @@ def command_push(args: argparse.Namespace) -> None:
     edits = ConceptEdits.from_pretrained(args.folder)
     url = edits.push_to_hub(args.repo_id, private=args.private, revision=args.revision)
     print(f"pushed to {url}")
+
+
+def command_export(args: argparse.Namespace) -> None:
+    path = ConceptEdits.from_pretrained(args.edits).export_kohya(args.out, dtype=args.dtype)
+    print(f"wrote {path}: put it into models/Lora of AUTOMATIC1111 or Forge (<lora:{path.stem}:1> in the prompt) "
+          "or models/loras of ComfyUI (a Load LoRA node with CLIP connected).")
 
 
 def command_demo(args: argparse.Namespace) -> None:
@@ -271,9 +294,21 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--guidance-scale", type=float, default=7.5)
     evaluate.add_argument("--out", default="emcid-eval", help="folder for metrics.json, metrics.md, before_after.png")
 
-    stats = add("stats", "compute and cache a model's key statistics from captions (once per model)", command_stats)
+    stats = add("stats", "compute (or load shared) key statistics of a model once, cache them, and save or share them",
+                command_stats)
     add_model(stats)
-    stats.add_argument("--captions", required=True, help="captions (.txt one a line, .json or .jsonl)")
+    stats.add_argument("--captions", default=None,
+                       help="captions: a .txt (one a line), .json, .jsonl, .csv or .parquet file, or a Hub dataset's "
+                            f"file as {HUB_URL_PREFIX}OWNER/NAME[@REVISION]/FILE (default: ${CAPTIONS_ENV_VAR}, else "
+                            f"Conceptual Captions, {DEFAULT_CAPTIONS})")
+    stats.add_argument("--column", default=None,
+                       help="the caption column of JSON, CSV or parquet rows (default: caption)")
+    stats.add_argument("--load", default=None, metavar="REPO_OR_DIR",
+                       help="instead of computing them, load statistics shared in a Hub dataset repo or a folder")
+    stats.add_argument("--save", default=None, metavar="DIR", help="also write the statistics to a folder")
+    stats.add_argument("--push", default=None, metavar="REPO_ID",
+                       help="also upload the statistics to a Hub dataset repo, e.g. me/sd15-emcid-statistics")
+    stats.add_argument("--private", action="store_true", help="create the --push repo private")
     add_editing(stats)
 
     push = add("push", "upload an edits folder to the Hugging Face Hub", command_push)
@@ -281,6 +316,13 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("repo_id", help="e.g. me/no-van-gogh")
     push.add_argument("--private", action="store_true")
     push.add_argument("--revision", default=None, help="a branch to push to")
+
+    export = add("export", "write edits as one kohya-format LoRA file for AUTOMATIC1111, Forge and ComfyUI",
+                 command_export)
+    export.add_argument("edits", help="the edits' folder or Hub repo")
+    export.add_argument("out", help="the .safetensors file to write, e.g. no-van-gogh.safetensors")
+    export.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                        help="storage precision of the factors (default: float32, exact)")
     return parser
 
 

@@ -21,6 +21,7 @@ from .hooks import base_networks
 from .key_statistics import CaptionSource, KeyStatistics, StatisticsStore, load_captions, sample_captions
 from .kinds import ConceptKindsMixin
 from .requests import ConceptEdit, as_concept_edits, canonical_order
+from .shared_statistics import SharedStatisticsMixin
 from .stage1 import Stage1Result
 from .stage1_cache import cached_stage1, process_state
 from .stage2 import compute_stage2_deltas
@@ -29,7 +30,7 @@ from .tokens import check_requests
 logger = logging.getLogger(__name__)
 
 
-class EMCIDEditor(ConceptKindsMixin):
+class EMCIDEditor(ConceptKindsMixin, SharedStatisticsMixin):
     """Edits concepts of a Stable Diffusion pipeline's text encoder(s) with EMCID.
 
     The pipeline is never modified: `edit` returns `ConceptEdits`, which `ConceptEdits.apply` adds to
@@ -50,7 +51,7 @@ class EMCIDEditor(ConceptKindsMixin):
     Example:
         ```py
         editor = EMCIDEditor(pipe)
-        editor.compute_statistics(captions)
+        editor.compute_statistics()  # or editor.load_statistics(repo_id) to use shared ones
         edits = editor.edit([("dog", "cat")])
         edits.apply(pipe)
         ```
@@ -103,7 +104,7 @@ class EMCIDEditor(ConceptKindsMixin):
 
     def compute_statistics(
         self,
-        captions: CaptionSource,
+        captions: CaptionSource | None = None,
         *,
         column: str | None = None,
         split: str = "train",
@@ -112,7 +113,8 @@ class EMCIDEditor(ConceptKindsMixin):
         """Computes (or loads from the cache) C = E[k k^T] of every edited layer on the unedited model.
 
         Args:
-            captions: a list of captions, a `.txt`/`.json`/`.jsonl` file, or a `datasets` name (with `column`).
+            captions: a list of captions, a caption file (local or `hf://datasets/...`), or a `datasets` name (with
+                `column`); by default `$EMCID_CAPTIONS`, else Conceptual Captions (`key_statistics.DEFAULT_CAPTIONS`).
             column: the caption field of JSON rows or dataset rows.
             split: the dataset split.
             num_samples: how many captions to use; defaults to `config.statistics_num_samples`.
@@ -120,7 +122,8 @@ class EMCIDEditor(ConceptKindsMixin):
         Returns:
             {text-encoder component: {layer: C (d_ff, d_ff) float32}}.
         """
-        texts = sample_captions(load_captions(captions, column, split), num_samples or self.config.statistics_num_samples)
+        texts = sample_captions(load_captions(captions, column, split),
+                                num_samples or self.config.statistics_num_samples)
         computed = {}
         with self._base_model():
             for encoder in self.encoders:
@@ -202,7 +205,8 @@ class EMCIDEditor(ConceptKindsMixin):
         edits[0].stage1_losses = [result.losses for result in results]
         return edits[0]
 
-    def solve(self, requests: Iterable[ConceptEdit | tuple[str, str]], vectors: dict[str, torch.Tensor]) -> ConceptEdits:
+    def solve(self, requests: Iterable[ConceptEdit | tuple[str, str]],
+              vectors: dict[str, torch.Tensor]) -> ConceptEdits:
         """Stage 2 alone: writes concepts with known stage-1 vectors into the text encoders' layers.
 
         Args:
@@ -247,7 +251,8 @@ class EMCIDEditor(ConceptKindsMixin):
         deltas = {}
         for encoder in self.encoders:
             deltas[encoder.component] = compute_stage2_deltas(
-                encoder.layout, encoder.tokenizer, requests, vectors[encoder.component], encoder.layers, encoder.z_layer,
+                encoder.layout, encoder.tokenizer, requests, vectors[encoder.component], encoder.layers,
+                encoder.z_layer,
                 statistics[encoder.component].regularized(self.config.statistics_regularization),
                 self.config.edit_weight, encoder.preservation_weight,
                 self.config.residual, self.config.stage2_batch_size, self.progress, self.config.stage2_keys,

@@ -12,13 +12,16 @@ from typing import Any, Iterable
 import torch
 from diffusers import DiffusionPipeline
 from huggingface_hub import HfApi, snapshot_download
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 
 from .adapters import adapter_names, check_adapter_name, delete_lora_adapter, inject_lora_deltas
 from .cache import fingerprint_tensors
-from .card import render_model_card
+from .card import base_model_license, render_model_card
 from .config import EMCIDConfig
 from .encoders import TextEncoderLayout, find_text_encoder_layout
 from .errors import BaseModelMismatchError
+from .kohya import KOHYA_WEIGHTS_NAME, kohya_factors, write_kohya_file
 from .requests import ConceptEdit
 from .serialization import (
     FILE_NAMES,
@@ -45,10 +48,27 @@ def base_weights_fingerprint(layout: TextEncoderLayout, layers: Iterable[int]) -
 
 
 def _shareable_model_id(base_model: str | None) -> str | None:
-    """A Hub model id, or `None` for a local path (which must not leave the user's machine)."""
+    """A Hub model id, or `None` for a local path (which must not leave the user's machine) or anything else that is
+    no valid Hub id."""
     if not base_model or os.path.isabs(base_model) or os.path.exists(base_model) or base_model.startswith((".", "~")):
         return None
+    try:
+        validate_repo_id(base_model)
+    except HFValidationError:
+        return None
     return base_model
+
+
+def _storage_dtype_name(dtype: torch.dtype | str) -> str:
+    """The `STORAGE_DTYPES` name of a storage precision given as a torch dtype or its name.
+
+    Raises:
+        ValueError: for another precision.
+    """
+    name = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
+    if name not in STORAGE_DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not a storage precision; use one of {sorted(STORAGE_DTYPES)}.")
+    return name
 
 
 def _stage2_settings(config: EMCIDConfig) -> tuple:
@@ -80,6 +100,10 @@ class ConceptEdits:
     base_fingerprints: dict[str, str] = field(default_factory=dict)
     stage1_losses: list[torch.Tensor] = field(default_factory=list, repr=False)
 
+    def __post_init__(self) -> None:
+        if isinstance(self.base_model, os.PathLike):  # a pipeline loaded from a `Path` is named by it
+            self.base_model = os.fspath(self.base_model)
+
     def __len__(self) -> int:
         return len(self.requests)
 
@@ -101,7 +125,9 @@ class ConceptEdits:
         made on other base weights (fingerprint) unless `force`."""
         for component, deltas in self.deltas.items():
             if getattr(pipe, component, None) is None:
-                raise BaseModelMismatchError(f"These edits change a {component}, which {type(pipe).__name__} does not have.")
+                raise BaseModelMismatchError(
+                    f"These edits change a {component}, which {type(pipe).__name__} does not have."
+                )
             layout = find_text_encoder_layout(getattr(pipe, component), component)
             for layer, delta in deltas.items():
                 if not 0 <= layer < layout.num_layers:
@@ -162,7 +188,10 @@ class ConceptEdits:
     def check_resolvable(self) -> None:
         """Raises `ValueError` unless the stage-1 vectors are at hand, so that stage 2 can be solved again."""
         if set(self.vectors) != set(self.deltas):
-            raise ValueError(f"{self!r} carries no stage-1 vectors (its folder had no emcid_vectors.safetensors), so it cannot be re-solved.")
+            raise ValueError(
+                f"{self!r} carries no stage-1 vectors (its folder had no emcid_vectors.safetensors), so it cannot be "
+                "re-solved."
+            )
 
     def check_solvable_with(self, config: EMCIDConfig, z_layers: dict[str, int]) -> None:
         """Raises `ValueError` unless stage 2 under `config`, with vectors at `z_layers`, is the stage 2 of these edits
@@ -175,7 +204,9 @@ class ConceptEdits:
                 "editor built with their config: EMCIDEditor(pipe, edits.config)."
             )
         if z_layers != self.z_layers:
-            raise ValueError(f"These edits' vectors live at layers {self.z_layers}, but the editor's config gives {z_layers}.")
+            raise ValueError(
+                f"These edits' vectors live at layers {self.z_layers}, but the editor's config gives {z_layers}."
+            )
 
     def concatenate(self, other: "ConceptEdits") -> tuple[list[ConceptEdit], dict[str, torch.Tensor]]:
         """The requests and stage-1 vectors of both edit sets, for one joint stage 2 (`EMCIDEditor.merge`).
@@ -193,7 +224,10 @@ class ConceptEdits:
             )
         layers = lambda edits: (edits.z_layers, {c: sorted(d) for c, d in edits.deltas.items()})  # noqa: E731
         if layers(self) != layers(other):
-            raise ValueError(f"The two edit sets change different layers ({layers(self)} and {layers(other)}); they cannot be merged.")
+            raise ValueError(
+                f"The two edit sets change different layers ({layers(self)} and {layers(other)}); they cannot be "
+                "merged."
+            )
         vectors = {c: torch.cat([self.vectors[c], other.vectors[c]]) for c in self.vectors}
         return self.requests + other.requests, vectors
 
@@ -209,14 +243,18 @@ class ConceptEdits:
         keep = [i for i, r in enumerate(self.requests) if " ".join(r.source.lower().split()) not in drop]
         unknown = drop - {" ".join(r.source.lower().split()) for r in self.requests}
         if unknown:
-            raise ValueError(f"No concept with source(s) {sorted(unknown)} in these edits; they edit {[r.source for r in self.requests]}.")
+            raise ValueError(
+                f"No concept with source(s) {sorted(unknown)} in these edits; they edit "
+                f"{[r.source for r in self.requests]}."
+            )
         if not keep:
             raise ValueError("Removing these sources leaves no concept; use remove()/unload instead.")
         return [self.requests[i] for i in keep], {c: v[keep] for c, v in self.vectors.items()}
 
     # ------------------------------------------------------------------ files and the Hub
 
-    def manifest(self, storage_dtype: str = "float32", storage_error: float = 0.0, shareable: bool = False) -> dict[str, Any]:
+    def manifest(self, storage_dtype: str = "float32", storage_error: float = 0.0,
+                 shareable: bool = False) -> dict[str, Any]:
         """The JSON-ready description stored next to the weights (`Manifest.to_dict`)."""
         return self._manifest(storage_dtype, storage_error, shareable).to_dict()
 
@@ -228,6 +266,9 @@ class ConceptEdits:
     def save_pretrained(self, save_directory: str | os.PathLike, dtype: torch.dtype | str = torch.float32) -> Path:
         """Writes the edits to a folder that `from_pretrained`, `pipe.load_concept_edits` and plain
         `pipe.load_lora_weights` read. The write is atomic: an interrupted save leaves no half-written adapter.
+        The model card names the base model only by its Hub id, with that model's license (looked up on the Hub or
+        in the local cache), never by a local path; the manifest keeps a local path, for its owner.
+        `export_kohya` writes the file AUTOMATIC1111 and Forge load.
 
         Args:
             save_directory: the folder (created if needed).
@@ -239,18 +280,42 @@ class ConceptEdits:
         """
         return self._write(Path(save_directory), dtype, shareable=False)
 
-    def _write(self, folder: Path, dtype: torch.dtype | str, shareable: bool) -> Path:
-        dtype_name = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
-        if dtype_name not in STORAGE_DTYPES:
-            raise ValueError(f"dtype={dtype!r} is not a storage precision; use one of {sorted(STORAGE_DTYPES)}.")
-        stored = {c: {l: storage_factors(d, STORAGE_DTYPES[dtype_name]) for l, d in ds.items()} for c, ds in self.deltas.items()}
+    def _write(self, folder: Path, dtype: torch.dtype | str, shareable: bool, token: str | None = None,
+               kohya_file: str | None = None) -> Path:
+        """Writes the folder; its card names the base model only by Hub id (never a local path), with that model's
+        license, and points to `kohya_file` if the caller adds one."""
+        dtype_name = _storage_dtype_name(dtype)
+        stored = {component: {layer: storage_factors(delta, STORAGE_DTYPES[dtype_name]) for layer, delta in ds.items()}
+                  for component, ds in self.deltas.items()}
         error = max_abs_error(self.deltas, stored) if dtype_name != "float32" else 0.0
         if error:
             logger.warning("Stored the edits in %s: largest absolute error of a weight update %.3g.", dtype_name, error)
         manifest = self._manifest(dtype_name, error, shareable)
-        card = render_model_card(self.requests, manifest.base_model, {c: sorted(d) for c, d in self.deltas.items()})
+        hub_id = _shareable_model_id(self.base_model)
+        card = render_model_card(self.requests, hub_id, {c: sorted(d) for c, d in self.deltas.items()},
+                                 base_model_license(hub_id, token), kohya_file)
         write_adapter_folder(folder, stored, self.vectors, manifest, card, STORAGE_DTYPES[dtype_name])
         return folder
+
+    def export_kohya(self, path: str | os.PathLike, dtype: torch.dtype | str = torch.float32) -> Path:
+        """Writes the edits as one kohya-format LoRA file, which AUTOMATIC1111, Forge, ComfyUI and diffusers'
+        `load_lora_weights` all load (see `diffusers_emcid.kohya`). The write is atomic.
+
+        Args:
+            path: the `.safetensors` file; the UIs name the LoRA after it (`<lora:name:1>`).
+            dtype: storage precision of the factors, `torch.float32` (default), `float16` or `bfloat16`; the factors
+                are balanced in every case, so that 16-bit storage and the UIs' float16 arithmetic do not overflow.
+
+        Returns:
+            The file.
+        """
+        dtype_name = _storage_dtype_name(dtype)
+        factors = kohya_factors(self.deltas, STORAGE_DTYPES[dtype_name])
+        error = max_abs_error(self.deltas, factors)
+        if dtype_name != "float32":
+            logger.warning("Exported the edits in %s: largest absolute error of a weight update %.3g.", dtype_name,
+                           error)
+        return write_kohya_file(path, factors, self._manifest(dtype_name, error, shareable=True))
 
     @classmethod
     def from_pretrained(
@@ -270,8 +335,8 @@ class ConceptEdits:
         folder = Path(repo_or_dir)
         if not folder.is_dir():
             folder = Path(snapshot_download(
-                str(repo_or_dir), revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only,
-                force_download=force_download, allow_patterns=list(FILE_NAMES),
+                str(repo_or_dir), revision=revision, token=token, cache_dir=cache_dir,
+                local_files_only=local_files_only, force_download=force_download, allow_patterns=list(FILE_NAMES),
             ))
         deltas, vectors, manifest = read_adapter_folder(folder)
         return cls(requests=manifest.requests(), vectors=vectors or {}, deltas=deltas, config=manifest.config,
@@ -287,7 +352,8 @@ class ConceptEdits:
         commit_message: str | None = None,
         dtype: torch.dtype | str = torch.float32,
     ) -> str:
-        """Uploads the edits (weights, manifest, vectors, model card) to a Hub model repo in one commit.
+        """Uploads the edits (weights, manifest, vectors, model card, and the kohya-format file
+        `emcid_kohya.safetensors` for AUTOMATIC1111 and Forge) to a Hub model repo in one commit.
 
         The repo (and the branch `revision`) is created if needed. Local paths are not written into the
         pushed manifest or card.
@@ -300,7 +366,9 @@ class ConceptEdits:
         if revision is not None and revision != "main":
             api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
         with tempfile.TemporaryDirectory() as staging:
-            folder = self._write(Path(staging) / "edits", dtype, shareable=True)
+            folder = self._write(Path(staging) / "edits", dtype, shareable=True, token=token,
+                                 kohya_file=KOHYA_WEIGHTS_NAME)
+            self.export_kohya(folder / KOHYA_WEIGHTS_NAME, dtype)
             info = api.upload_folder(
                 repo_id=repo_id, folder_path=folder, revision=revision, repo_type="model",
                 commit_message=commit_message or f"Add {len(self)} EMCID concept edit(s)",

@@ -8,7 +8,7 @@ runs with by default and for each kind of edit, and the pipeline classes that ge
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Iterable, Literal, Sequence
 
 import torch
 from diffusers import (
@@ -60,6 +60,8 @@ class PipelineFamily:
         default_preset: the `EMCIDConfig` preset used when no config is given.
         kind_presets: the presets of the paper's runs of each kind of edit (`"debias"`, `"rectify"`).
         pipelines: the pipeline classes that get the concept-edit methods (text-to-image first).
+        kohya_version: kohya's `ss_base_model_version` of the family's models (the UIs read it to tell families).
+        kohya_versions_by_width: the version of variants told apart by the (first) text encoder's width d.
     """
 
     name: Literal["sd", "sdxl"]
@@ -71,6 +73,8 @@ class PipelineFamily:
     default_preset: str
     kind_presets: dict[str, str] = field(default_factory=dict)
     pipelines: tuple[type, ...] = ()
+    kohya_version: str = ""
+    kohya_versions_by_width: dict[int, str] = field(default_factory=dict)
 
 
 FAMILIES: dict[str, PipelineFamily] = {
@@ -84,6 +88,8 @@ FAMILIES: dict[str, PipelineFamily] = {
         default_preset="sd1-paper",
         kind_presets={"debias": "sd1-debias", "rectify": "sd1-rectify"},
         pipelines=(StableDiffusionPipeline, StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline),
+        kohya_version="sd_v1",
+        kohya_versions_by_width={1024: "sd_v2"},  # SD 2.x's OpenCLIP ViT-H/14 (SD 1.x's CLIP ViT-L/14 has 768)
     ),
     "sdxl": PipelineFamily(
         name="sdxl",
@@ -94,6 +100,7 @@ FAMILIES: dict[str, PipelineFamily] = {
         prompt_embeds=_sdxl_prompt_embeds,
         default_preset="sdxl-paper",
         pipelines=(StableDiffusionXLPipeline, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline),
+        kohya_version="sdxl_base_v1-0",
     ),
 }
 """Every family EMCID supports, by name."""
@@ -109,6 +116,12 @@ def pipeline_family(pipe: object) -> PipelineFamily:
         if all(getattr(pipe, slot.component, None) is not None for slot in family.text_encoders):
             return family
     return FAMILIES["sd"]
+
+
+def family_of_components(components: Iterable[str]) -> PipelineFamily | None:
+    """The family whose text encoders are exactly `components`, if any."""
+    wanted = set(components)
+    return next((f for f in FAMILIES.values() if {slot.component for slot in f.text_encoders} == wanted), None)
 
 
 def text_encoder_components() -> tuple[str, ...]:

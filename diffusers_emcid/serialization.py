@@ -339,7 +339,7 @@ def max_abs_error(deltas: dict[str, dict[int, LowRankDelta]], stored: dict[str, 
     )
 
 
-def _atomic_folder_write(folder: Path, write: Callable[[Path], None]) -> None:
+def atomic_folder_write(folder: Path, write: Callable[[Path], None]) -> None:
     """Writes the folder's files into a temporary sibling folder, then moves them in.
 
     A new folder appears whole by one rename. Into an existing folder each file is replaced by a
@@ -390,10 +390,10 @@ def write_adapter_folder(
         (staging / CARD_NAME).write_text(card, encoding="utf-8")
         (staging / WEIGHTS_NAME).write_bytes(safetensors_bytes(tensors, header))
 
-    _atomic_folder_write(Path(folder), write)
+    atomic_folder_write(Path(folder), write)
 
 
-def _header(path: Path) -> tuple[dict[str, str], dict[str, tuple[list[int], str]]]:
+def read_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[list[int], str]]]:
     """The metadata and (shape, dtype) of each tensor of a safetensors file, without reading tensor data."""
     try:
         with safe_open(str(path), framework="pt") as file:
@@ -407,7 +407,7 @@ def _header(path: Path) -> tuple[dict[str, str], dict[str, tuple[list[int], str]
     return metadata, layout
 
 
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as error:
@@ -429,7 +429,7 @@ def read_adapter_folder(
     weights_path = folder / WEIGHTS_NAME
     if not weights_path.is_file():
         raise EMCIDFormatError(f"{folder} has no {WEIGHTS_NAME}; is it a diffusers-emcid adapter folder?")
-    metadata, layout = _header(weights_path)
+    metadata, layout = read_header(weights_path)
     if MANIFEST_HEADER_KEY not in metadata:
         raise EMCIDFormatError(
             f"{weights_path} has no '{MANIFEST_HEADER_KEY}' header: it is not a diffusers-emcid adapter."
@@ -463,7 +463,7 @@ def read_adapter_folder(
                     f"{num_concepts} concepts."
                 )
 
-    tensors = _load_tensors(weights_path)
+    tensors = read_tensors(weights_path)
     deltas: dict[str, dict[int, LowRankDelta]] = {}
     for component, layers in factors.items():
         for layer in layers:
@@ -476,7 +476,7 @@ def read_adapter_folder(
     vectors = None
     vectors_path = folder / VECTORS_NAME
     if vectors_path.is_file():
-        vector_metadata, vector_layout = _header(vectors_path)
+        vector_metadata, vector_layout = read_header(vectors_path)
         if vector_metadata.get("emcid_companion_digest") != metadata.get("emcid_companion_digest"):
             raise EMCIDFormatError(
                 f"{vectors_path} does not belong to {weights_path} (an interrupted save into an existing folder?); save again."
@@ -485,7 +485,7 @@ def read_adapter_folder(
             info = manifest.components.get(name)
             if info is None or shape != [num_concepts, info.hidden_size] or dtype not in FLOAT_DTYPES:
                 raise EMCIDFormatError(f"{vectors_path} holds {name!r} of shape {shape} and type {dtype}, which does not fit the manifest.")
-        vectors = _load_tensors(vectors_path)
+        vectors = read_tensors(vectors_path)
         if not all(torch.isfinite(v).all() for v in vectors.values()):
             raise EMCIDFormatError(f"{vectors_path} contains NaN or inf.")
     return deltas, vectors, manifest

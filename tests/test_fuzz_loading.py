@@ -10,6 +10,9 @@ The property: loading either succeeds, and then the text encoder gives the outpu
 (when the factors in the file are still the original ones; otherwise finite outputs) and unloading gives
 the base outputs back bit for bit; or it raises `ConceptEditsLoadError` with a message and leaves the
 pipeline exactly as it was (weights, no PEFT layer or config, no hook). No other exception, no hang.
+
+Key statistics folders (`EMCIDEditor.save_statistics`) go through the same byte, header and layout mutations, and
+`EMCIDEditor.load_statistics` either gives the valid statistics bit for bit or refuses them cleanly, taking nothing in.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from diffusers_emcid import (
     EMCIDFormatError,
 )
 from diffusers_emcid.serialization import CARD_NAME, MANIFEST_NAME, VECTORS_NAME, WEIGHTS_NAME
+from diffusers_emcid.shared_statistics import statistics_file_name
 from diffusers_emcid.testing import tiny_sd_pipeline
 
 from .conftest import CAPTIONS, encode, hook_counts
@@ -541,37 +545,55 @@ OFFSET_OPS = st.one_of(
 )
 INDEX = st.integers(0, 15)
 
-BYTE_MUTATIONS = st.one_of(
-    st.tuples(st.just("flip"), SAFETENSORS_FILES,
-              st.lists(st.tuples(POSITIONS, st.integers(1, 255)), min_size=1, max_size=4).map(tuple)),
-    st.tuples(st.just("overwrite"), SAFETENSORS_FILES, POSITIONS, SMALL_BYTES),
-    st.tuples(st.just("truncate"), SAFETENSORS_FILES, POSITIONS),
-    st.tuples(st.just("append"), SAFETENSORS_FILES, SMALL_BYTES),
-    st.tuples(st.just("header_length"), SAFETENSORS_FILES,
-              st.tuples(st.just("delta"), st.integers(-64, 64).filter(bool))
-              | st.tuples(st.just("value"), st.sampled_from([0, 1, 7, 8, 2**31, 2**32, 2**63, 2**64 - 1]))),
-)
-RAW_HEADER_MUTATIONS = st.one_of(
-    st.tuples(st.just("raw_shape"), SAFETENSORS_FILES, INDEX, SHAPES),
-    st.tuples(st.just("raw_dtype"), SAFETENSORS_FILES, INDEX, ANY_DTYPE),
-    st.tuples(st.just("raw_offsets"), SAFETENSORS_FILES, INDEX, OFFSET_OPS),
-    st.tuples(st.just("raw_padding"), SAFETENSORS_FILES,
-              st.just(("strip",)) | st.tuples(st.just("extra"), st.integers(1, 9))
-              | st.tuples(st.just("char"), st.sampled_from(["\x00", "\n", "x", "\t"]))),
-    st.tuples(st.just("raw_metadata_value"), SAFETENSORS_FILES, st.sampled_from(["format", "emcid_manifest", "x"]),
-              st.sampled_from([1, None, [], {}, True, 1.5])),
-)
+
+def byte_mutations(files: st.SearchStrategy[str]) -> st.SearchStrategy[tuple]:
+    """Bytes of one of `files` flipped, overwritten, cut off or appended, or its header length field rewritten."""
+    return st.one_of(
+        st.tuples(st.just("flip"), files,
+                  st.lists(st.tuples(POSITIONS, st.integers(1, 255)), min_size=1, max_size=4).map(tuple)),
+        st.tuples(st.just("overwrite"), files, POSITIONS, SMALL_BYTES),
+        st.tuples(st.just("truncate"), files, POSITIONS),
+        st.tuples(st.just("append"), files, SMALL_BYTES),
+        st.tuples(st.just("header_length"), files,
+                  st.tuples(st.just("delta"), st.integers(-64, 64).filter(bool))
+                  | st.tuples(st.just("value"), st.sampled_from([0, 1, 7, 8, 2**31, 2**32, 2**63, 2**64 - 1]))),
+    )
+
+
+def raw_header_mutations(files: st.SearchStrategy[str], metadata_keys: list[str]) -> st.SearchStrategy[tuple]:
+    """Header entries of one of `files` rewritten in place (shapes, dtypes, offsets, padding, a metadata value of
+    another JSON type), the data section left as it is."""
+    return st.one_of(
+        st.tuples(st.just("raw_shape"), files, INDEX, SHAPES),
+        st.tuples(st.just("raw_dtype"), files, INDEX, ANY_DTYPE),
+        st.tuples(st.just("raw_offsets"), files, INDEX, OFFSET_OPS),
+        st.tuples(st.just("raw_padding"), files,
+                  st.just(("strip",)) | st.tuples(st.just("extra"), st.integers(1, 9))
+                  | st.tuples(st.just("char"), st.sampled_from(["\x00", "\n", "x", "\t"]))),
+        st.tuples(st.just("raw_metadata_value"), files, st.sampled_from(metadata_keys),
+                  st.sampled_from([1, None, [], {}, True, 1.5])),
+    )
+
+
+def tensor_mutations(files: st.SearchStrategy[str], added_names: st.SearchStrategy[str]) -> st.SearchStrategy[tuple]:
+    """A tensor of one of `files` retyped, reshaped, deleted or renamed, or one added, the file laid out anew."""
+    return st.one_of(
+        st.tuples(st.just("retype"), files, INDEX, ANY_DTYPE),
+        st.tuples(st.just("reshape"), files, INDEX, SHAPES),
+        st.tuples(st.just("delete_tensor"), files, INDEX),
+        st.tuples(st.just("rename"), files, INDEX, RENAMES),
+        st.tuples(st.just("add_tensor"), files, added_names, DTYPES, SHAPES),
+    )
+
+
+BYTE_MUTATIONS = byte_mutations(SAFETENSORS_FILES)
+RAW_HEADER_MUTATIONS = raw_header_mutations(SAFETENSORS_FILES, ["format", "emcid_manifest", "x"])
 LAYOUT_MUTATIONS = st.one_of(
-    st.tuples(st.just("retype"), SAFETENSORS_FILES, INDEX, ANY_DTYPE),
-    st.tuples(st.just("reshape"), SAFETENSORS_FILES, INDEX, SHAPES),
-    st.tuples(st.just("delete_tensor"), SAFETENSORS_FILES, INDEX),
-    st.tuples(st.just("rename"), SAFETENSORS_FILES, INDEX, RENAMES),
-    st.tuples(st.just("add_tensor"), SAFETENSORS_FILES,
-              st.sampled_from(["text_encoder.text_model.encoder.layers.4.mlp.fc2.lora_linear_layer.down.weight",
-                               "text_encoder.text_model.encoder.layers.0.mlp.fc1.lora_linear_layer.up.weight",
-                               "text_encoder_2.text_model.encoder.layers.0.mlp.fc2.lora_linear_layer.up.weight",
-                               "text_encoder", "text_encoder_2", "unet.x", ""]) | TEXT,
-              DTYPES, SHAPES),
+    tensor_mutations(SAFETENSORS_FILES, st.sampled_from([
+        "text_encoder.text_model.encoder.layers.4.mlp.fc2.lora_linear_layer.down.weight",
+        "text_encoder.text_model.encoder.layers.0.mlp.fc1.lora_linear_layer.up.weight",
+        "text_encoder_2.text_model.encoder.layers.0.mlp.fc2.lora_linear_layer.up.weight",
+        "text_encoder", "text_encoder_2", "unet.x", ""]) | TEXT),
     st.tuples(st.just("rank"), st.just("weights"), INDEX, st.integers(0, 4)),
     st.tuples(st.just("metadata"), SAFETENSORS_FILES, METADATA_OPS),
 )
@@ -851,3 +873,119 @@ def test_a_huge_declared_tensor_is_refused_without_allocating_it(fuzzing, tmp_pa
         f"the loader tried to allocate a declared tensor:\n{child.stdout}")
     max_rss_kb = int(child.stdout.split("MAXRSS_KB")[1].split()[0])
     assert max_rss_kb < 1024**2, f"the child used {max_rss_kb} kB"
+
+
+# ----------------------------------------------------------------------------------------------- key statistics files
+
+STATISTICS_NAMES = [statistics_file_name("text_encoder", layer) for layer in range(4)]
+STATISTICS_FILES = st.sampled_from(STATISTICS_NAMES)
+STATISTICS_METADATA_KEYS = ["format", "emcid_format", "emcid_format_version", "library_version", "component", "layer",
+                            "model_fingerprint", "model_dtype", "caption_set", "num_captions", "num_tokens",
+                            "statistics_positions", "statistics_padding_weight", "emcid_digest", "base_model"]
+STATISTICS_VALUES = TEXT | st.sampled_from(["1", "2", "0", "-1", "64", "1e999", "nan", "1.0", "0.5", "paper",
+                                            "pipeline", "float16", "text_encoder_2", "emcid-key-statistics", "0" * 64])
+STATISTICS_MUTATIONS = st.lists(
+    st.one_of(
+        byte_mutations(STATISTICS_FILES),
+        raw_header_mutations(STATISTICS_FILES, STATISTICS_METADATA_KEYS + ["x"]),
+        tensor_mutations(STATISTICS_FILES, st.sampled_from(["covariance", "covariance ", "mom2", ""]) | TEXT),
+        st.tuples(st.just("metadata"), STATISTICS_FILES,
+                  st.tuples(st.just("delete"), st.sampled_from(STATISTICS_METADATA_KEYS))
+                  | st.tuples(st.just("set"), st.sampled_from([*STATISTICS_METADATA_KEYS, "new_key"]),
+                              STATISTICS_VALUES)
+                  | st.just(("none",))),
+        st.tuples(st.just("companion"), st.just("README.md"),
+                  st.tuples(st.just("replace"), st.binary(max_size=32)) | st.tuples(st.just("truncate"), POSITIONS)),
+        st.tuples(st.just("delete_file"), st.sampled_from(STATISTICS_NAMES + ["README.md"])),
+    ),
+    min_size=1, max_size=3,
+)
+
+
+@dataclass(repr=False)
+class StatisticsFuzzing:
+    """The valid statistics folder's bytes (`{file name: bytes}`), what it holds, and the pipeline it fits."""
+
+    files: dict[str, bytes]
+    covariances: dict[int, torch.Tensor]
+    num_tokens: int
+    fuzzing: Fuzzing
+    config: EMCIDConfig
+    counts: collections.Counter
+
+    def __repr__(self) -> str:
+        return "<the valid statistics folder>"
+
+
+@pytest.fixture(scope="module")
+def statistics_fuzzing(fuzzing) -> StatisticsFuzzing:
+    config = EMCIDConfig.from_preset("sd1-paper", num_steps=8, image_num_inference_steps=2)
+    editor = EMCIDEditor(fuzzing.pipe, config, cache_dir=fuzzing.workdir / "cache", progress=False)
+    editor.compute_statistics(CAPTIONS)  # from the cache `build_fuzzing` filled
+    folder = editor.save_statistics(fuzzing.workdir / "statistics")
+    files = {path.name: path.read_bytes() for path in folder.iterdir()}
+    assert sorted(files) == ["README.md", *STATISTICS_NAMES]
+    statistics = editor.statistics.known["text_encoder"]
+    return StatisticsFuzzing(files, statistics.covariances, statistics.num_tokens, fuzzing, config,
+                             collections.Counter())
+
+
+def check_statistics_example(statistics_fuzzing: StatisticsFuzzing, mutations: list[tuple]) -> str:
+    """`load_statistics` of a mutated folder either gives the valid statistics bit for bit, or raises a clear
+    `EMCIDFormatError`, `BaseModelMismatchError` or (other settings) `ValueError` and takes nothing in: no
+    statistics in memory or in the cache. Returns the outcome."""
+    files = apply_mutations(statistics_fuzzing.files, mutations)
+    workdir = Path(tempfile.mkdtemp(dir=statistics_fuzzing.fuzzing.workdir, prefix="statistics-mutant-"))
+    try:
+        folder = workdir / "statistics"
+        folder.mkdir()
+        for name, data in files.items():
+            if data is not None:
+                (folder / name).write_bytes(data)
+        editor = EMCIDEditor(statistics_fuzzing.fuzzing.pipe, statistics_fuzzing.config, cache_dir=workdir / "cache",
+                             progress=False)
+        with time_limit(EXAMPLE_TIMEOUT_S):
+            try:
+                loaded = editor.load_statistics(folder)
+            except ValueError as error:
+                assert str(error).strip(), "empty error message"
+                assert isinstance(error, (EMCIDFormatError, BaseModelMismatchError)) or (
+                    type(error) is ValueError and "statistics_positions" in str(error)), f"unexpected {error!r}"
+                assert not editor.statistics.known and not list((workdir / "cache").rglob("*.safetensors")), (
+                    f"refused statistics ({error}) were taken in")
+                outcome = type(error).__name__
+            else:
+                valid = statistics_fuzzing.covariances
+                assert loaded["text_encoder"].keys() == valid.keys()
+                assert all(torch.equal(loaded["text_encoder"][layer], valid[layer]) for layer in valid), (
+                    "loaded statistics differ from the valid ones")
+                assert editor.statistics.known["text_encoder"].num_tokens == statistics_fuzzing.num_tokens
+                outcome = "loaded"
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    for mutation in mutations:
+        statistics_fuzzing.counts[kind_of(mutation), outcome] += 1
+    return outcome
+
+
+@settings(max_examples=200, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(mutations=STATISTICS_MUTATIONS)
+def test_mutated_statistics_load_unchanged_or_are_refused_cleanly(statistics_fuzzing, mutations):
+    check_statistics_example(statistics_fuzzing, mutations)
+
+
+@pytest.mark.slow
+@settings(max_examples=5_000, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(mutations=STATISTICS_MUTATIONS)
+def test_mutated_statistics_slow(statistics_fuzzing, mutations):
+    check_statistics_example(statistics_fuzzing, mutations)
+
+
+def test_the_statistics_mutations_keep_a_valid_folder_valid_when_they_change_nothing(statistics_fuzzing):
+    data = statistics_fuzzing.files[STATISTICS_NAMES[0]]
+    assert serialize_layout(*parse_layout(data)) == data
+    assert check_statistics_example(statistics_fuzzing, [("companion", "README.md", ("truncate", 10))]) == "loaded"
+    assert check_statistics_example(statistics_fuzzing, [("flip", STATISTICS_NAMES[1], ((-1, 1),))]) == (
+        "EMCIDFormatError")

@@ -10,7 +10,7 @@ LAYERS = [
     {"errors", "cache", "families", "config", "requests", "testing", "version", "shapes.render"},
     {"encoders", "hooks", "tokens"},
     {"key_statistics", "conditioning", "images", "stage1", "stage1_cache", "stage2"},
-    {"adapters", "serialization", "card"},
+    {"adapters", "serialization", "card", "kohya", "shared_statistics"},
     {"edits"},
     {"debias", "kinds"},
     {"editor"},

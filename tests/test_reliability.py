@@ -162,7 +162,7 @@ def test_hostile_concept_names_round_trip_and_cannot_touch_the_card_metadata(tmp
     header, body = card[4:].split("\n---\n", 1)
     metadata = yaml.safe_load(header)
     assert metadata["base_model"] == "org/model" and metadata["library_name"] == "diffusers"
-    assert set(metadata) == {"base_model", "library_name", "tags"}
+    assert set(metadata) == {"base_model", "base_model_relation", "library_name", "pipeline_tag", "tags"}
     assert "<script>" not in body and "&lt;script&gt;" in body
     for name in HOSTILE_NAMES:
         assert "\n" not in name or name.split("\n")[1] not in header
