@@ -35,7 +35,7 @@ from typing import Any, Iterator
 
 import pytest
 import torch
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load as load_safetensors_bytes
@@ -53,14 +53,8 @@ from diffusers_emcid.serialization import CARD_NAME, MANIFEST_NAME, VECTORS_NAME
 from diffusers_emcid.shared_statistics import statistics_file_name
 from diffusers_emcid.testing import tiny_sd_pipeline
 
-from .conftest import CAPTIONS, encode, hook_counts
+from .conftest import CAPTIONS, FUZZ_SETTINGS, PROMPTS, encode, hook_counts
 
-try:
-    BaseExceptionGroup
-except NameError:  # Python 3.10: hypothesis depends on the backport
-    from exceptiongroup import BaseExceptionGroup
-
-PROMPTS = ["a photo of a dog", "an apple", "a red car"]
 FILES = {"weights": WEIGHTS_NAME, "vectors": VECTORS_NAME, "manifest_json": MANIFEST_NAME, "card": CARD_NAME}
 EXAMPLE_TIMEOUT_S = 30  # one example takes milliseconds; more than this is a hang
 OUTPUT_ATOL = 1e-6
@@ -749,8 +743,7 @@ def with_regressions(test):
     return test
 
 
-@settings(max_examples=300, deadline=None, database=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(max_examples=300, **FUZZ_SETTINGS)
 @given(mutations=MUTATIONS)
 @with_regressions
 def test_mutated_folders_load_correctly_or_are_refused_cleanly(fuzzing, mutations):
@@ -758,8 +751,7 @@ def test_mutated_folders_load_correctly_or_are_refused_cleanly(fuzzing, mutation
 
 
 @pytest.mark.slow
-@settings(max_examples=10_000, deadline=None, database=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(max_examples=10_000, **FUZZ_SETTINGS)
 @given(mutations=MUTATIONS)
 @with_regressions
 def test_mutated_folders_slow(slow_fuzzing, mutations):
@@ -968,16 +960,14 @@ def check_statistics_example(statistics_fuzzing: StatisticsFuzzing, mutations: l
     return outcome
 
 
-@settings(max_examples=200, deadline=None, database=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(max_examples=200, **FUZZ_SETTINGS)
 @given(mutations=STATISTICS_MUTATIONS)
 def test_mutated_statistics_load_unchanged_or_are_refused_cleanly(statistics_fuzzing, mutations):
     check_statistics_example(statistics_fuzzing, mutations)
 
 
 @pytest.mark.slow
-@settings(max_examples=5_000, deadline=None, database=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(max_examples=5_000, **FUZZ_SETTINGS)
 @given(mutations=STATISTICS_MUTATIONS)
 def test_mutated_statistics_slow(statistics_fuzzing, mutations):
     check_statistics_example(statistics_fuzzing, mutations)

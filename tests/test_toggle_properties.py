@@ -37,11 +37,6 @@ from diffusers_emcid.testing import tiny_sd_pipeline
 
 from .conftest import CAPTIONS, FUZZ_SETTINGS
 
-try:
-    BaseExceptionGroup
-except NameError:  # Python 3.10: hypothesis depends on the backport
-    from exceptiongroup import BaseExceptionGroup
-
 PROMPTS = ["a photo of a dog", "an apple", "a red car", "a green tree in the park"]
 STRENGTHS = [0.0, 0.25, 0.5, 1.0, 1.5]
 # LoRA (base(x) + s * B(A(x))) and dense ((W + s * B @ A) x) round differently in float32, so 1e-6 is too tight:
