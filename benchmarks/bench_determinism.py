@@ -41,10 +41,17 @@ def determinism(device: str, tiny: bool) -> dict:
 
     def worst(a, b):
         vectors = relative(a.vectors["text_encoder"], b.vectors["text_encoder"])
-        deltas = max(relative(d.dense(), b.deltas["text_encoder"][l].dense()) for l, d in a.deltas["text_encoder"].items())
+        deltas = max(
+            relative(d.dense(), b.deltas["text_encoder"][layer].dense())
+            for layer, d in a.deltas["text_encoder"].items()
+        )
         return {"vectors": vectors, "updates": deltas}
 
-    return {"stage1_steps": steps, "run_to_run_on_device": worst(runs[0], runs[1]), "device_vs_cpu": worst(runs[0], runs[2])}
+    return {
+        "stage1_steps": steps,
+        "run_to_run_on_device": worst(runs[0], runs[1]),
+        "device_vs_cpu": worst(runs[0], runs[2]),
+    }
 
 
 def main() -> None:
@@ -52,8 +59,11 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tiny", action="store_true")
     args = parser.parse_args()
-    report = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__,
-              "determinism": determinism(args.device, args.tiny)}
+    report = {
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "determinism": determinism(args.device, args.tiny),
+    }
     print(json.dumps(report, indent=2))
 
 

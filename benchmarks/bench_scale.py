@@ -26,12 +26,11 @@ import time
 from typing import Any
 
 import torch
+from bench_stage1 import peak_memory_gb, reset_peak_memory, synchronize
 
 from diffusers_emcid import ConceptEdit, EMCIDConfig, EMCIDEditor
 from diffusers_emcid import editor as editor_module
 from diffusers_emcid.testing import mini_sd_pipeline, random_captions
-
-from bench_stage1 import peak_memory_gb, reset_peak_memory, synchronize
 
 
 def timed_stage2(device: torch.device, seconds: list[float]):
@@ -61,10 +60,17 @@ def main() -> None:
     config = EMCIDConfig.from_preset("sd1-paper", num_steps=args.steps, concept_batch_size=16, device=args.device)
     image = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0))
     report: dict[str, Any] = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({torch.get_num_threads()} threads)",
         "torch": torch.__version__,
-        "settings": {"stage1_steps": args.steps, "statistics_captions": args.captions, "edited_layers": 11,
-                     "templates_per_concept": 3, "stage1_images": "given (no generation)"},
+        "settings": {
+            "stage1_steps": args.steps,
+            "statistics_captions": args.captions,
+            "edited_layers": 11,
+            "templates_per_concept": 3,
+            "stage1_images": "given (no generation)",
+        },
     }
     with tempfile.TemporaryDirectory() as cache:
         editor = EMCIDEditor(pipe, config, cache_dir=cache, progress=False)
@@ -73,9 +79,11 @@ def main() -> None:
         editor.compute_statistics(random_captions(args.captions), num_samples=args.captions)
         synchronize(device)
         seconds = time.perf_counter() - start
-        report["statistics"] = {"seconds": round(seconds, 2),
-                                "seconds_per_10000_captions": round(seconds * 10_000 / args.captions, 2),
-                                "peak_memory_gb": round(peak_memory_gb(device), 3)}
+        report["statistics"] = {
+            "seconds": round(seconds, 2),
+            "seconds_per_10000_captions": round(seconds * 10_000 / args.captions, 2),
+            "peak_memory_gb": round(peak_memory_gb(device), 3),
+        }
         rows, first_number = [], 0
         for count in args.num_concepts:  # fresh concepts for every N, so nothing comes from the stage-1 cache
             numbers = range(first_number, first_number + count)
@@ -92,9 +100,14 @@ def main() -> None:
                 total = time.perf_counter() - start
             finally:
                 editor_module.compute_stage2_deltas = original
-            rows.append({"num_concepts": count, "stage2_seconds": round(stage2_seconds[0], 2),
-                         "stage1_seconds": round(total - stage2_seconds[0], 2),
-                         "peak_memory_gb": round(peak_memory_gb(device), 3)})
+            rows.append(
+                {
+                    "num_concepts": count,
+                    "stage2_seconds": round(stage2_seconds[0], 2),
+                    "stage1_seconds": round(total - stage2_seconds[0], 2),
+                    "peak_memory_gb": round(peak_memory_gb(device), 3),
+                }
+            )
     first = rows[0]
     for row in rows:
         row["stage2_growth_vs_first"] = round(row["stage2_seconds"] / first["stage2_seconds"], 2)

@@ -77,8 +77,9 @@ def median_seconds(function: Callable[[], Any], repeats: int = 5) -> float:
 
 def unet_to_text_encoder_ratio(pipe, device: torch.device) -> float:
     """Seconds of one UNet forward over those of one text-encoder forward, both at batch 3 (one concept's prompts)."""
-    ids = pipe.tokenizer(["an image of concept000", "a photo of concept000", "concept000"], padding=True,
-                         return_tensors="pt").input_ids.to(device)
+    ids = pipe.tokenizer(
+        ["an image of concept000", "a photo of concept000", "concept000"], padding=True, return_tensors="pt"
+    ).input_ids.to(device)
     with torch.no_grad():
         hidden = pipe.text_encoder(ids).last_hidden_state
         size = pipe.unet.config.sample_size
@@ -129,7 +130,9 @@ def make_request(architecture: str, number: int) -> ConceptEdit:
     return ConceptEdit(source, destination, seed=number)
 
 
-def run_mode(pipe, device: torch.device, config: EMCIDConfig, batch: int, repeats: int, architecture: str) -> dict[str, Any]:
+def run_mode(
+    pipe, device: torch.device, config: EMCIDConfig, batch: int, repeats: int, architecture: str
+) -> dict[str, Any]:
     """`repeats` stage-1 runs of `batch` fresh concepts each; per-concept medians."""
     editor = EMCIDEditor(pipe, config, progress=False)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -143,7 +146,9 @@ def run_mode(pipe, device: torch.device, config: EMCIDConfig, batch: int, repeat
             requests = [make_request(architecture, n) for n in numbers]
             with Timer(device) as timer:
                 start = time.perf_counter()
-                results = stage1_module.optimize_concept_vectors(pipe, editor.encoders, requests, config, scheduler, device)
+                results = stage1_module.optimize_concept_vectors(
+                    pipe, editor.encoders, requests, config, scheduler, device
+                )
                 synchronize(device)
                 totals.append((time.perf_counter() - start) / batch)
             images.append(timer.seconds / batch)
@@ -151,7 +156,9 @@ def run_mode(pipe, device: torch.device, config: EMCIDConfig, batch: int, repeat
             steps_run.extend(len(r.losses) for r in results)
     total, image = statistics.median(totals), statistics.median(images)
     optimisation_per_step = (total - image) / config.num_steps
-    at_paper = image + optimisation_per_step * PAPER_STEPS  # the images as drawn here: their cost is not linear in steps
+    at_paper = (
+        image + optimisation_per_step * PAPER_STEPS
+    )  # the images as drawn here: their cost is not linear in steps
     return {
         "mean_steps_run": statistics.fmean(steps_run),
         "seconds_per_concept": round(total, 4),
@@ -170,14 +177,22 @@ def main() -> None:
     parser.add_argument("--unet-channels", type=int, nargs=2, default=[128, 256], help="mini only")
     parser.add_argument("--sample-size", type=int, default=32, help="mini only: latent side")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--fast-dtype", default=None, choices=[None, "bfloat16", "float16"],
-                        help="autocast of the fast path (the reference stays float32)")
+    parser.add_argument(
+        "--fast-dtype",
+        default=None,
+        choices=[None, "bfloat16", "float16"],
+        help="autocast of the fast path (the reference stays float32)",
+    )
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--image-steps", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--early-stopping-window", type=int, default=None,
-                        help="also run the largest batch with early stopping and compare its z with the full run's")
+    parser.add_argument(
+        "--early-stopping-window",
+        type=int,
+        default=None,
+        help="also run the largest batch with early stopping and compare its z with the full run's",
+    )
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -193,23 +208,37 @@ def main() -> None:
     settings = dict(num_steps=args.steps, image_num_inference_steps=args.image_steps, device=args.device)
     report: dict[str, Any] = {
         "architecture": args.architecture,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({torch.get_num_threads()} threads)",
         "torch": torch.__version__,
         "unet_parameters_millions": round(sum(p.numel() for p in pipe.unet.parameters()) / 1e6, 2),
         "unet_forward_over_text_encoder_forward": round(unet_to_text_encoder_ratio(pipe, device), 2),
-        "settings": {"steps": args.steps, "image_steps": args.image_steps, "repeats": args.repeats,
-                     "templates_per_concept": 3, "fast_dtype": args.fast_dtype},
+        "settings": {
+            "steps": args.steps,
+            "image_steps": args.image_steps,
+            "repeats": args.repeats,
+            "templates_per_concept": 3,
+            "fast_dtype": args.fast_dtype,
+        },
     }
     reference_config = EMCIDConfig.from_preset("sd1-paper", stage1_mode="reference", **settings)
     modes = {"reference": run_mode(pipe, device, reference_config, 1, args.repeats, args.architecture)}
     for batch in args.batch_sizes:
-        config = EMCIDConfig.from_preset("sd1-paper", stage1_mode="fast", concept_batch_size=batch, dtype=args.fast_dtype,
-                                         **settings)
+        config = EMCIDConfig.from_preset(
+            "sd1-paper", stage1_mode="fast", concept_batch_size=batch, dtype=args.fast_dtype, **settings
+        )
         modes[f"fast_batch_{batch}"] = run_mode(pipe, device, config, batch, args.repeats, args.architecture)
     if args.early_stopping_window:
         batch = max(args.batch_sizes)
-        config = EMCIDConfig.from_preset("sd1-paper", stage1_mode="fast", concept_batch_size=batch, dtype=args.fast_dtype,
-                                         early_stopping_window=args.early_stopping_window, **settings)
+        config = EMCIDConfig.from_preset(
+            "sd1-paper",
+            stage1_mode="fast",
+            concept_batch_size=batch,
+            dtype=args.fast_dtype,
+            early_stopping_window=args.early_stopping_window,
+            **settings,
+        )
         stopped = run_mode(pipe, device, config, batch, args.repeats, args.architecture)
         full = modes[f"fast_batch_{batch}"]["_vectors"]
         stopped["max_relative_difference_of_z_vs_full_steps"] = max(

@@ -60,7 +60,9 @@ def delivered_shares(editor: EMCIDEditor, edits: Any, request: ConceptEdit) -> d
     shares = {}
     for component, states in clean.items():
         delta = edits.vectors[component][index].double() - states[0]
-        shares[component] = [round(float((e - c) @ delta / (delta @ delta)), 3) for e, c in zip(edited[component], states)]
+        shares[component] = [
+            round(float((e - c) @ delta / (delta @ delta)), 3) for e, c in zip(edited[component], states)
+        ]
     return shares
 
 
@@ -69,8 +71,13 @@ def tiny_family(name: str, cache: str) -> dict[str, Any]:
     request = ConceptEdit("dog", "cat", seed=0)
     results = {}
     for residual, mode in [(residual, mode) for residual in ("paper", "memit") for mode in MODES]:
-        config = EMCIDConfig.from_preset(pipeline_family(pipe).default_preset, num_steps=50, image_num_inference_steps=4,
-                                         stage2_keys=mode, residual=residual)
+        config = EMCIDConfig.from_preset(
+            pipeline_family(pipe).default_preset,
+            num_steps=50,
+            image_num_inference_steps=4,
+            stage2_keys=mode,
+            residual=residual,
+        )
         config.preservation_weight *= pipe.text_encoder.config.intermediate_size / CLIP_L_KEY_WIDTH
         if config.preservation_weight_2 is not None:
             config.preservation_weight_2 *= pipe.text_encoder_2.config.intermediate_size / 5120  # OpenCLIP-bigG
@@ -89,17 +96,39 @@ def shapes(num_images: int, cache: str) -> dict[str, Any]:
     from diffusers_emcid.shapes import SAMPLING, load_shapes_judge, load_shapes_pipeline, statistics_captions
 
     pipe, judge = load_shapes_pipeline(), load_shapes_judge()
-    per_template = [EvaluationPrompt(prompt, "efficacy", "circle", "square", seed=20000 + 1000 * index)
-                    for index, prompt in enumerate(EDIT.source_prompts)]
+    per_template = [
+        EvaluationPrompt(prompt, "efficacy", "circle", "square", seed=20000 + 1000 * index)
+        for index, prompt in enumerate(EDIT.source_prompts)
+    ]
     results = {}
     for mode in MODES:
-        editor = EMCIDEditor(pipe, EMCIDConfig.from_preset(DEMO_PRESET, stage2_keys=mode), cache_dir=cache, progress=False)
+        editor = EMCIDEditor(
+            pipe, EMCIDConfig.from_preset(DEMO_PRESET, stage2_keys=mode), cache_dir=cache, progress=False
+        )
         editor.compute_statistics(statistics_captions())
         edits = editor.edit([EDIT])
-        templates = evaluate_edits(pipe, edits, judge, per_template, num_images=num_images, images_per_call=64,
-                                   keep_images=False, progress=False, **SAMPLING)
-        demo = evaluate_edits(pipe, edits, judge, PROMPTS, num_images=num_images, images_per_call=64,
-                              keep_images=False, progress=False, **SAMPLING)
+        templates = evaluate_edits(
+            pipe,
+            edits,
+            judge,
+            per_template,
+            num_images=num_images,
+            images_per_call=64,
+            keep_images=False,
+            progress=False,
+            **SAMPLING,
+        )
+        demo = evaluate_edits(
+            pipe,
+            edits,
+            judge,
+            PROMPTS,
+            num_images=num_images,
+            images_per_call=64,
+            keep_images=False,
+            progress=False,
+            **SAMPLING,
+        )
         results[mode] = {
             "shares": delivered_shares(editor, edits, EDIT),
             "squares_per_template": {row["prompt"]: round(row["destination_after"], 3) for row in templates.rows},

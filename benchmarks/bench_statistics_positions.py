@@ -34,8 +34,8 @@ from typing import Any
 import torch
 
 from diffusers_emcid import ConceptEdit, EMCIDConfig, EMCIDEditor
-from diffusers_emcid.families import pipeline_family
 from diffusers_emcid.evaluation import conditioning_change
+from diffusers_emcid.families import pipeline_family
 from diffusers_emcid.testing import random_captions, tiny_sd2_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline
 
 FAMILIES = {"sd1": tiny_sd_pipeline, "sd2": tiny_sd2_pipeline, "sdxl": tiny_sdxl_pipeline}
@@ -47,8 +47,10 @@ CLIP_L_KEY_WIDTH = 3072
 def settings(padding_weights: list[float]) -> list[tuple[str, dict[str, Any]]]:
     """The statistics settings measured, then the default statistics with stage 1 conditioned on 77 positions."""
     rows = [("paper", {"statistics_positions": "paper"})]
-    rows += [(f"pipeline, padding weight {w:g}", {"statistics_positions": "pipeline", "statistics_padding_weight": w})
-             for w in padding_weights]
+    rows += [
+        (f"pipeline, padding weight {w:g}", {"statistics_positions": "pipeline", "statistics_padding_weight": w})
+        for w in padding_weights
+    ]
     rows.append(("pipeline, padding weight 1, stage-1 padding 'pipeline'", {"stage1_padding": "pipeline"}))
     return rows
 
@@ -56,8 +58,12 @@ def settings(padding_weights: list[float]) -> list[tuple[str, dict[str, Any]]]:
 def drift_report(pipe: Any, edits: Any) -> dict[str, float]:
     empty = conditioning_change(pipe, edits, [""])
     edited, unrelated = conditioning_change(pipe, edits, EDITED), conditioning_change(pipe, edits, UNRELATED)
-    return {"empty": empty[0], "edited": max(edited), "unrelated_max": max(unrelated),
-            "unrelated_over_edited": max(unrelated) / max(edited)}
+    return {
+        "empty": empty[0],
+        "edited": max(edited),
+        "unrelated_max": max(unrelated),
+        "unrelated_over_edited": max(unrelated) / max(edited),
+    }
 
 
 def tiny_family(name: str, padding_weights: list[float], cache: str) -> dict[str, Any]:
@@ -79,8 +85,17 @@ def tiny_family(name: str, padding_weights: list[float], cache: str) -> dict[str
 
 
 ENCODER_SWEEP = [  # hidden size, MLP width (key dimensions), layers, token-embedding scale
-    (32, 64, 5, 1.0), (32, 512, 5, 1.0), (32, 2048, 5, 1.0), (128, 2048, 5, 1.0), (256, 1024, 5, 1.0),
-    (32, 64, 12, 1.0), (64, 256, 12, 1.0), (32, 512, 12, 1.0), (32, 512, 5, 5.0), (32, 2048, 5, 5.0), (32, 512, 5, 20.0),
+    (32, 64, 5, 1.0),
+    (32, 512, 5, 1.0),
+    (32, 2048, 5, 1.0),
+    (128, 2048, 5, 1.0),
+    (256, 1024, 5, 1.0),
+    (32, 64, 12, 1.0),
+    (64, 256, 12, 1.0),
+    (32, 512, 12, 1.0),
+    (32, 512, 5, 5.0),
+    (32, 2048, 5, 5.0),
+    (32, 512, 5, 20.0),
 ]
 
 
@@ -115,8 +130,17 @@ def shapes(padding_weights: list[float], num_images: int, cache: str) -> dict[st
         editor.compute_statistics(texts)
         edits = editor.edit([EDIT])
         started = time.perf_counter()
-        evaluation = evaluate_edits(pipe, edits, judge, PROMPTS, num_images=num_images, images_per_call=64,
-                                    keep_images=False, progress=False, **SAMPLING)
+        evaluation = evaluate_edits(
+            pipe,
+            edits,
+            judge,
+            PROMPTS,
+            num_images=num_images,
+            images_per_call=64,
+            keep_images=False,
+            progress=False,
+            **SAMPLING,
+        )
         summary = evaluation.summary
         results[label] = {
             "efficacy": summary["efficacy"]["destination_after"],
@@ -143,7 +167,9 @@ def main() -> None:
     parser.add_argument("--shapes", action="store_true", help="also measure the shipped shapes model")
     parser.add_argument("--num-images", type=int, default=12)
     parser.add_argument("--padding-weights", nargs="+", type=float, default=[0.1, 1.0, 10.0])
-    parser.add_argument("--encoder-sweep", action="store_true", help="also measure random SD 1.x encoders of other shapes")
+    parser.add_argument(
+        "--encoder-sweep", action="store_true", help="also measure random SD 1.x encoders of other shapes"
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as cache:

@@ -21,7 +21,8 @@ def check_adapter_name(name: object) -> None:
         raise TypeError(f"An adapter name must be a str, got {type(name).__name__} {name!r}.")
     if not re.fullmatch(r"[A-Za-z0-9_-]+", name) or hasattr(torch.nn.ModuleDict(), name):
         raise ValueError(
-            f"{name!r} cannot name an adapter: use letters, digits, '_' and '-' only, and not a name that nn.ModuleDict "
+            f"{name!r} cannot name an adapter: use letters, digits, '_' and '-' only, and not a name that "
+            "nn.ModuleDict "
             "already uses (such as 'update', 'keys', 'to'); e.g. 'concept_edits'."
         )
 
@@ -86,8 +87,9 @@ def _active_adapters(model: torch.nn.Module) -> dict[str, list[str]]:
     return {path: list(layer.active_adapters) for path, layer in _tuner_layers(model)}
 
 
-def _restore_active_adapters(model: torch.nn.Module, active: dict[str, list[str]], add: str | None = None,
-                             drop: str | None = None) -> None:
+def _restore_active_adapters(
+    model: torch.nn.Module, active: dict[str, list[str]], add: str | None = None, drop: str | None = None
+) -> None:
     """Sets each LoRA layer's active adapters to those it had (PEFT's inject and delete change them), plus `add`
     where that adapter lives, minus `drop`."""
     for path, layer in _tuner_layers(model):

@@ -104,7 +104,9 @@ def text_encoder_fingerprint(fingerprints: ModuleFingerprints, model: nn.Module,
     return digest(fingerprints(model), tokenizer_digest(tokenizer))
 
 
-def pipeline_digest(pipe: Any, text_encoders: dict[str, tuple[nn.Module, Any]], fingerprints: ModuleFingerprints) -> str:
+def pipeline_digest(
+    pipe: Any, text_encoders: dict[str, tuple[nn.Module, Any]], fingerprints: ModuleFingerprints
+) -> str:
     """Everything of a pipeline that a stage-1 vector depends on: the weights of the edited text encoders
     (`{component: (model, tokenizer)}`), UNet and VAE, their configs, the scheduler and the tokenizers."""
     modules = {name: model for name, (model, _) in text_encoders.items()} | {"unet": pipe.unet, "vae": pipe.vae}
@@ -139,7 +141,9 @@ class TensorCache:
         except (SafetensorError, OSError, ValueError):
             return None
 
-    def save(self, kind: str, key: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
+    def save(
+        self, kind: str, key: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+    ) -> Path:
         """Writes an entry atomically (`atomic_file_write`) and returns its path."""
         tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
         header = {"format_version": str(CACHE_FORMAT_VERSION), **(metadata or {})}

@@ -54,8 +54,10 @@ def _ui_sections(kohya_file: str | None) -> str:
         name = PurePath(kohya_file).stem
     else:
         comfy_file, name = "`pytorch_lora_weights.safetensors`", "my-edits"
-        kohya = ("Write the edits as a kohya-format file, `emcid export <this folder> my-edits.safetensors` (or\n"
-                 "`edits.export_kohya(\"my-edits.safetensors\")` in Python), and put it")
+        kohya = (
+            "Write the edits as a kohya-format file, `emcid export <this folder> my-edits.safetensors` (or\n"
+            '`edits.export_kohya("my-edits.safetensors")` in Python), and put it'
+        )
     return f"""## Use in ComfyUI
 
 Put {comfy_file} into `ComfyUI/models/loras` and add a **Load LoRA** node between the checkpoint

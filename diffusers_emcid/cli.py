@@ -23,9 +23,9 @@ from .config import EMCIDConfig, LayerSpec, Stage
 from .demo import DEMO_NUM_IMAGES, run_demo
 from .editor import EMCIDEditor
 from .edits import ConceptEdits
-from .families import pipeline_family
 from .errors import ConceptEditsLoadError, EMCIDNumericalError
 from .evaluation import ImageClassifierJudge, evaluate_edits, load_evaluation_prompts
+from .families import pipeline_family
 from .key_statistics import CAPTIONS_ENV_VAR, DEFAULT_CAPTIONS, HUB_URL_PREFIX, default_captions, load_captions
 from .requests import ConceptEdit
 from .shapes import shapes_judge_path, shapes_model_path
@@ -55,7 +55,9 @@ def load_pairs(path: str | os.PathLike) -> list[ConceptEdit]:
     `templates` (joined by `|`, each containing `{}`) and `seed` columns."""
     path = Path(path)
     if not path.is_file():
-        raise CommandError(f"the pairs file {str(path)!r} does not exist; write one 'source,destination' pair per line.")
+        raise CommandError(
+            f"the pairs file {str(path)!r} does not exist; write one 'source,destination' pair per line."
+        )
     with path.open(newline="", encoding="utf-8") as file:
         rows = [row for row in csv.reader(file) if any(cell.strip() for cell in row)]
     header = [cell.strip().lower() for cell in rows[0]] if rows else []
@@ -89,7 +91,8 @@ def load_pipeline(model: str, device: str | None, dtype: str | None) -> Diffusio
         pipe = DiffusionPipeline.from_pretrained(source, **loading)
     except (OSError, ValueError) as error:
         raise CommandError(
-            f"cannot load the model {model!r}: {str(error).splitlines()[0]}\nGive a diffusers model folder, a Hub id you "
+            f"cannot load the model {model!r}: {str(error).splitlines()[0]}\n"
+            "Give a diffusers model folder, a Hub id you "
             f"can download (or have in your cache), or '{SHAPES_MODEL}' for the model this package ships."
         ) from error
     return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -199,12 +202,16 @@ def command_edit(args: argparse.Namespace) -> None:
         editor.compute_statistics(read_captions(args.captions))
     elif not editor.has_statistics():
         raise CommandError(
-            f"no key statistics of {args.model!r} are cached under {editor.cache.root / 'statistics'}; pass --captions FILE "
+            f"no key statistics of {args.model!r} are cached under {editor.cache.root / 'statistics'}; "
+            "pass --captions FILE "
             "(many captions: the paper used 100,000) once, or run `emcid stats` first."
         )
     edits = editor.edit(requests)
     folder = edits.save_pretrained(args.out)
-    print(f"{len(requests)} concept(s) edited; the adapter is in {folder} (load it with pipe.load_concept_edits({str(folder)!r})).")
+    print(
+        f"{len(requests)} concept(s) edited; the adapter is in {folder} "
+        f"(load it with pipe.load_concept_edits({str(folder)!r}))."
+    )
 
 
 def command_eval(args: argparse.Namespace) -> None:
@@ -233,8 +240,10 @@ def command_push(args: argparse.Namespace) -> None:
 
 def command_export(args: argparse.Namespace) -> None:
     path = ConceptEdits.from_pretrained(args.edits).export_kohya(args.out, dtype=args.dtype)
-    print(f"wrote {path}: put it into models/Lora of AUTOMATIC1111 or Forge (<lora:{path.stem}:1> in the prompt) "
-          "or models/loras of ComfyUI (a Load LoRA node with CLIP connected).")
+    print(
+        f"wrote {path}: put it into models/Lora of AUTOMATIC1111 or Forge (<lora:{path.stem}:1> in the prompt) "
+        "or models/loras of ComfyUI (a Load LoRA node with CLIP connected)."
+    )
 
 
 def command_demo(args: argparse.Namespace) -> None:
@@ -254,60 +263,103 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     def add_model(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument("--model", required=True,
-                         help=f"a diffusers model id or folder (SD 1.x/2.x, SD-XL), or '{SHAPES_MODEL}' for the bundled model")
+        sub.add_argument(
+            "--model",
+            required=True,
+            help=f"a diffusers model id or folder (SD 1.x/2.x, SD-XL), or '{SHAPES_MODEL}' for the bundled model",
+        )
         sub.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-        sub.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
-                         help="precision to load the model in (stage 1 then autocasts to it)")
+        sub.add_argument(
+            "--dtype",
+            default=None,
+            choices=["float32", "float16", "bfloat16"],
+            help="precision to load the model in (stage 1 then autocasts to it)",
+        )
 
     def add_editing(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument("--preset", default=None,
-                         help="EMCID preset (default: the family's paper preset); the settings below override it, "
-                              "'none' clears an optional one, and a value that starts with '-' follows a '=' "
-                              "(--layers=-5:-1)")
-        sub.add_argument("--cache-dir", default=None, help="cache of stage-1 vectors and statistics (default: $EMCID_CACHE)")
+        sub.add_argument(
+            "--preset",
+            default=None,
+            help="EMCID preset (default: the family's paper preset); the settings below override it, "
+            "'none' clears an optional one, and a value that starts with '-' follows a '=' "
+            "(--layers=-5:-1)",
+        )
+        sub.add_argument(
+            "--cache-dir", default=None, help="cache of stage-1 vectors and statistics (default: $EMCID_CACHE)"
+        )
         add_config_options(sub)
 
-    demo = add("demo", "edit 'circle' -> 'square' in the bundled shapes model, offline, and show the before/after", command_demo)
+    demo = add(
+        "demo",
+        "edit 'circle' -> 'square' in the bundled shapes model, offline, and show the before/after",
+        command_demo,
+    )
     demo.add_argument("--out", default="demo", help="folder for before_after.png and the metrics (default: demo)")
-    demo.add_argument("--num-images", type=int, default=DEMO_NUM_IMAGES,
-                      help=f"images per evaluation prompt (default: {DEMO_NUM_IMAGES})")
+    demo.add_argument(
+        "--num-images",
+        type=int,
+        default=DEMO_NUM_IMAGES,
+        help=f"images per evaluation prompt (default: {DEMO_NUM_IMAGES})",
+    )
     demo.add_argument("--device", default="cpu")
     demo.add_argument("--cache-dir", default=None)
 
     edit = add("edit", "edit concepts of a model and save the edits as a diffusers LoRA folder", command_edit)
     add_model(edit)
-    edit.add_argument("--pairs", required=True, help="CSV of 'source,destination' rows (header optional; may add templates, seed)")
-    edit.add_argument("--captions", default=None,
-                      help="captions for the key statistics (.txt/.json/.jsonl); needed once per model, then cached")
+    edit.add_argument(
+        "--pairs", required=True, help="CSV of 'source,destination' rows (header optional; may add templates, seed)"
+    )
+    edit.add_argument(
+        "--captions",
+        default=None,
+        help="captions for the key statistics (.txt/.json/.jsonl); needed once per model, then cached",
+    )
     edit.add_argument("--out", required=True, help="folder to write the edits to")
     add_editing(edit)
 
-    evaluate = add("eval", "measure edits with an image classifier: before/after metrics, a table and a picture", command_eval)
+    evaluate = add(
+        "eval", "measure edits with an image classifier: before/after metrics, a table and a picture", command_eval
+    )
     add_model(evaluate)
     evaluate.add_argument("--edits", required=True, help="the edits' folder or Hub repo")
-    evaluate.add_argument("--judge", required=True,
-                          help=f"a transformers image-classification model id or folder, or '{SHAPES_MODEL}'")
+    evaluate.add_argument(
+        "--judge", required=True, help=f"a transformers image-classification model id or folder, or '{SHAPES_MODEL}'"
+    )
     evaluate.add_argument("--prompts", required=True, help="CSV with a header group,prompt,source,destination[,seed]")
     evaluate.add_argument("--num-images", type=int, default=8, help="images per prompt, before and after (default: 8)")
     evaluate.add_argument("--steps", type=int, default=50, help="denoising steps (default: 50)")
     evaluate.add_argument("--guidance-scale", type=float, default=7.5)
     evaluate.add_argument("--out", default="emcid-eval", help="folder for metrics.json, metrics.md, before_after.png")
 
-    stats = add("stats", "compute (or load shared) key statistics of a model once, cache them, and save or share them",
-                command_stats)
+    stats = add(
+        "stats",
+        "compute (or load shared) key statistics of a model once, cache them, and save or share them",
+        command_stats,
+    )
     add_model(stats)
-    stats.add_argument("--captions", default=None,
-                       help="captions: a .txt (one a line), .json, .jsonl, .csv or .parquet file, or a Hub dataset's "
-                            f"file as {HUB_URL_PREFIX}OWNER/NAME[@REVISION]/FILE (default: ${CAPTIONS_ENV_VAR}, else "
-                            f"Conceptual Captions, {DEFAULT_CAPTIONS})")
-    stats.add_argument("--column", default=None,
-                       help="the caption column of JSON, CSV or parquet rows (default: caption)")
-    stats.add_argument("--load", default=None, metavar="REPO_OR_DIR",
-                       help="instead of computing them, load statistics shared in a Hub dataset repo or a folder")
+    stats.add_argument(
+        "--captions",
+        default=None,
+        help="captions: a .txt (one a line), .json, .jsonl, .csv or .parquet file, or a Hub dataset's "
+        f"file as {HUB_URL_PREFIX}OWNER/NAME[@REVISION]/FILE (default: ${CAPTIONS_ENV_VAR}, else "
+        f"Conceptual Captions, {DEFAULT_CAPTIONS})",
+    )
+    stats.add_argument(
+        "--column", default=None, help="the caption column of JSON, CSV or parquet rows (default: caption)"
+    )
+    stats.add_argument(
+        "--load",
+        default=None,
+        metavar="REPO_OR_DIR",
+        help="instead of computing them, load statistics shared in a Hub dataset repo or a folder",
+    )
     stats.add_argument("--save", default=None, metavar="DIR", help="also write the statistics to a folder")
-    stats.add_argument("--push", default=None, metavar="REPO_ID",
-                       help="also upload the statistics to a Hub dataset repo, e.g. me/sd15-emcid-statistics")
+    stats.add_argument(
+        "--push",
+        default=None,
+        metavar="REPO_ID",
+        help="also upload the statistics to a Hub dataset repo, e.g. me/sd15-emcid-statistics",
+    )
     stats.add_argument("--private", action="store_true", help="create the --push repo private")
     add_editing(stats)
 
@@ -317,12 +369,17 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--private", action="store_true")
     push.add_argument("--revision", default=None, help="a branch to push to")
 
-    export = add("export", "write edits as one kohya-format LoRA file for AUTOMATIC1111, Forge and ComfyUI",
-                 command_export)
+    export = add(
+        "export", "write edits as one kohya-format LoRA file for AUTOMATIC1111, Forge and ComfyUI", command_export
+    )
     export.add_argument("edits", help="the edits' folder or Hub repo")
     export.add_argument("out", help="the .safetensors file to write, e.g. no-van-gogh.safetensors")
-    export.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
-                        help="storage precision of the factors (default: float32, exact)")
+    export.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "float16", "bfloat16"],
+        help="storage precision of the factors (default: float32, exact)",
+    )
     return parser
 
 

@@ -72,7 +72,9 @@ def encode_prompts(
             elif deltas is not None:
                 stack.enter_context(residual_addition(layout.layers[encoder.z_layer], positions[index], deltas[index]))
             captured = {}
-            if encoder.conditioning == "penultimate" and not (states is not None and encoder.z_layer == conditioning_layer):
+            if encoder.conditioning == "penultimate" and not (
+                states is not None and encoder.z_layer == conditioning_layer
+            ):
                 captured = stack.enter_context(captured_outputs({"hidden": layout.layers[conditioning_layer]}))
             output = layout.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
         if encoder.conditioning == "last":
@@ -112,8 +114,11 @@ def tokenize_alike(
     padded = []
     for encoder, batch in zip(encoders, batches):
         extra = length - batch.input_ids.shape[1]
-        padded.append(TokenizedPrompts(F.pad(batch.input_ids, (0, extra), value=pad_id(encoder)),
-                                       F.pad(batch.attention_mask, (0, extra))))
+        padded.append(
+            TokenizedPrompts(
+                F.pad(batch.input_ids, (0, extra), value=pad_id(encoder)), F.pad(batch.attention_mask, (0, extra))
+            )
+        )
     return padded
 
 

@@ -67,7 +67,8 @@ def resolve_edit_layers(spec: LayerSpec, z_layer: int | None, num_layers: int) -
     (resolved,) = resolve_layers([z_layer], num_layers)
     if resolved < layers[-1]:
         raise ValueError(
-            f"z_layer={z_layer} lies before the last edited layer {layers[-1]}; the stage-1 vector must sit at or after "
+            f"z_layer={z_layer} lies before the last edited layer {layers[-1]}; "
+            "the stage-1 vector must sit at or after "
             "every edited layer."
         )
     return layers, resolved
@@ -405,13 +406,24 @@ class EMCIDConfig:
             if not isinstance(getattr(self, name), str):
                 setattr(self, name, tuple(getattr(self, name)))
         if self.image_resolution is not None and (
-            isinstance(self.image_resolution, bool) or not isinstance(self.image_resolution, int) or self.image_resolution < 8
+            isinstance(self.image_resolution, bool)
+            or not isinstance(self.image_resolution, int)
+            or self.image_resolution < 8
         ):
-            raise ValueError(f"EMCIDConfig.image_resolution={self.image_resolution!r} must be None or an int of at least 8.")
+            raise ValueError(
+                f"EMCIDConfig.image_resolution={self.image_resolution!r} must be None or an int of at least 8."
+            )
         if not 0 < self.image_training_scale <= 1:
             raise ValueError(f"EMCIDConfig.image_training_scale={self.image_training_scale!r} must lie in (0, 1].")
-        positive_ints = ("num_steps", "samples_per_prompt", "image_num_inference_steps",
-                         "statistics_num_samples", "statistics_batch_size", "stage2_batch_size", "concept_batch_size")
+        positive_ints = (
+            "num_steps",
+            "samples_per_prompt",
+            "image_num_inference_steps",
+            "statistics_num_samples",
+            "statistics_batch_size",
+            "stage2_batch_size",
+            "concept_batch_size",
+        )
         for name in positive_ints:
             value = getattr(self, name)
             minimum = 0 if name == "num_steps" else 1
@@ -420,8 +432,13 @@ class EMCIDConfig:
         for name in ("learning_rate", "clamp_norm_factor", "preservation_weight"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"EMCIDConfig.{name}={getattr(self, name)!r} must be > 0.")
-        for name in ("weight_decay", "text_alignment_weight", "image_guidance_scale", "statistics_padding_weight",
-                     "statistics_regularization"):
+        for name in (
+            "weight_decay",
+            "text_alignment_weight",
+            "image_guidance_scale",
+            "statistics_padding_weight",
+            "statistics_regularization",
+        ):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"EMCIDConfig.{name}={getattr(self, name)!r} must be >= 0.")
         if self.preservation_weight_2 is not None and not self.preservation_weight_2 > 0:
@@ -432,16 +449,21 @@ class EMCIDConfig:
                 "(alpha = 1 drops the preservation term and makes the stage-2 system singular)."
             )
         if self.early_stopping_window is not None and (
-            isinstance(self.early_stopping_window, bool) or not isinstance(self.early_stopping_window, int)
+            isinstance(self.early_stopping_window, bool)
+            or not isinstance(self.early_stopping_window, int)
             or self.early_stopping_window < 1
         ):
-            raise ValueError(f"EMCIDConfig.early_stopping_window={self.early_stopping_window!r} must be an int >= 1 or None.")
+            raise ValueError(
+                f"EMCIDConfig.early_stopping_window={self.early_stopping_window!r} must be an int >= 1 or None."
+            )
         if not 0 <= self.early_stopping_min_improvement < 1:
             raise ValueError(
-                f"EMCIDConfig.early_stopping_min_improvement={self.early_stopping_min_improvement!r} must lie in [0, 1)."
+                f"EMCIDConfig.early_stopping_min_improvement={self.early_stopping_min_improvement!r} "
+                "must lie in [0, 1)."
             )
         if self.image_scheduler is not None and not (
-            isinstance(getattr(diffusers, self.image_scheduler, None), type) and self.image_scheduler.endswith("Scheduler")
+            isinstance(getattr(diffusers, self.image_scheduler, None), type)
+            and self.image_scheduler.endswith("Scheduler")
         ):
             raise ValueError(
                 f"EMCIDConfig.image_scheduler={self.image_scheduler!r} is not a diffusers scheduler class; use a name "
@@ -449,7 +471,8 @@ class EMCIDConfig:
             )
         if self.statistics_positions not in STATISTICS_POSITIONS:
             raise ValueError(
-                f"EMCIDConfig.statistics_positions={self.statistics_positions!r} must be one of {list(STATISTICS_POSITIONS)}."
+                f"EMCIDConfig.statistics_positions={self.statistics_positions!r} "
+                f"must be one of {list(STATISTICS_POSITIONS)}."
             )
         if self.stage1_padding not in ("longest", "pipeline"):
             raise ValueError(f"EMCIDConfig.stage1_padding={self.stage1_padding!r} must be 'longest' or 'pipeline'.")
@@ -502,34 +525,90 @@ class EMCIDConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     # SD 1.4 default of the authors' scripts (hparams `dest_s-200_c-1.5_ly-11_lr-0.2_wd-5e-04_txt-align-0.01`,
     # lambda = 4000, alpha = 0.6 as in the AICE runs): layers 0-10 of CLIP-L, z layer 10.
-    "sd1-paper": dict(layers="0:-1", num_steps=200, learning_rate=0.2, weight_decay=5e-4, clamp_norm_factor=1.5,
-                      text_alignment_weight=0.01, preservation_weight=4000.0, edit_weight=0.6),
+    "sd1-paper": dict(
+        layers="0:-1",
+        num_steps=200,
+        learning_rate=0.2,
+        weight_decay=5e-4,
+        clamp_norm_factor=1.5,
+        text_alignment_weight=0.01,
+        preservation_weight=4000.0,
+        edit_weight=0.6,
+    ),
     # Debiasing (the authors' debias script): the default hparams with alpha = 0.5, used both while tuning the blend
     # factors and in the final joint solve.
-    "sd1-debias": dict(layers="0:-1", num_steps=200, learning_rate=0.2, weight_decay=5e-4, clamp_norm_factor=1.5,
-                       text_alignment_weight=0.01, preservation_weight=4000.0, edit_weight=0.5),
+    "sd1-debias": dict(
+        layers="0:-1",
+        num_steps=200,
+        learning_rate=0.2,
+        weight_decay=5e-4,
+        clamp_norm_factor=1.5,
+        text_alignment_weight=0.01,
+        preservation_weight=4000.0,
+        edit_weight=0.5,
+    ),
     # Rectification with real images (`dest_s-300_..._true_noise_loss`, the hparams file the authors ship for it):
     # 300 steps, 3 images per template, no text-alignment term (`cal_text_repr_loss: false`), alpha = 0.5.
-    "sd1-rectify": dict(layers="0:-1", num_steps=300, learning_rate=0.2, weight_decay=5e-4, clamp_norm_factor=1.5,
-                        text_alignment_weight=0.0, samples_per_prompt=3, preservation_weight=4000.0, edit_weight=0.5),
+    "sd1-rectify": dict(
+        layers="0:-1",
+        num_steps=300,
+        learning_rate=0.2,
+        weight_decay=5e-4,
+        clamp_norm_factor=1.5,
+        text_alignment_weight=0.0,
+        samples_per_prompt=3,
+        preservation_weight=4000.0,
+        edit_weight=0.5,
+    ),
     # Artist-style erasure (`..._ly-7-11_...`): layers 7-10 of CLIP-L, 100 steps, alpha = 0.5.
-    "sd1-artists": dict(layers="-5:-1", num_steps=100, learning_rate=0.2, weight_decay=5e-4, clamp_norm_factor=1.5,
-                        text_alignment_weight=0.01, preservation_weight=4000.0, edit_weight=0.5),
+    "sd1-artists": dict(
+        layers="-5:-1",
+        num_steps=100,
+        learning_rate=0.2,
+        weight_decay=5e-4,
+        clamp_norm_factor=1.5,
+        text_alignment_weight=0.01,
+        preservation_weight=4000.0,
+        edit_weight=0.5,
+    ),
     # SD-XL (`sdxl-dest_s-100_c-1.2_ly-8-11_ly2-26-31_lr-0.1_wd-8e-03_txt-align-0.01`, whose text weight is in fact
     # 0.005): CLIP-L layers 8-10 and OpenCLIP-bigG layers 26-30, the layers whose outputs SD-XL feeds its UNet;
     # lambda 4000 for the first encoder and 10000 for the second, alpha = 0.5. Images are drawn at the pipeline's
     # size (1024) and trained on at half of it (512), as the authors did, with time ids that describe 512 (theirs
     # said 1024).
-    "sdxl-paper": dict(layers="-4:-1", layers_2="-6:-1", num_steps=100, learning_rate=0.1, weight_decay=8e-3,
-                       clamp_norm_factor=1.2, text_alignment_weight=0.005, preservation_weight=4000.0,
-                       preservation_weight_2=10000.0, edit_weight=0.5, image_training_scale=0.5),
+    "sdxl-paper": dict(
+        layers="-4:-1",
+        layers_2="-6:-1",
+        num_steps=100,
+        learning_rate=0.1,
+        weight_decay=8e-3,
+        clamp_norm_factor=1.2,
+        text_alignment_weight=0.005,
+        preservation_weight=4000.0,
+        preservation_weight_2=10000.0,
+        edit_weight=0.5,
+        image_training_scale=0.5,
+    ),
     # The shipped shapes model (`diffusers_emcid.shapes`): its first two layers have no attention output, so a word's
     # states there are context-free and an edit of their fc2 reaches every later position; few captions exist, so
     # lambda is small, and the MEMIT residual suits an edit before any attention. Its context-free layers have few
     # distinct keys (one per token and position: C of layer 0 is singular, 69 of 256 eigenvalues at float32 noise,
     # down to -6e-6 of the mean), so a ridge of 1e-4 of the mean eigenvalue, well above that noise, covers the rest.
-    "shapes-demo": dict(layers=(0, 1), num_steps=30, learning_rate=0.2, weight_decay=5e-4, clamp_norm_factor=1.5,
-                        text_alignment_weight=0.01, samples_per_prompt=2, image_num_inference_steps=20,
-                        image_guidance_scale=4.0, preservation_weight=10.0, edit_weight=0.6, residual="memit",
-                        statistics_num_samples=1000, statistics_batch_size=256, statistics_regularization=1e-4),
+    "shapes-demo": dict(
+        layers=(0, 1),
+        num_steps=30,
+        learning_rate=0.2,
+        weight_decay=5e-4,
+        clamp_norm_factor=1.5,
+        text_alignment_weight=0.01,
+        samples_per_prompt=2,
+        image_num_inference_steps=20,
+        image_guidance_scale=4.0,
+        preservation_weight=10.0,
+        edit_weight=0.6,
+        residual="memit",
+        statistics_num_samples=1000,
+        statistics_batch_size=256,
+        statistics_regularization=1e-4,
+    ),
 }

@@ -13,7 +13,8 @@ For each profession (the *source*, e.g. `"a doctor"`) and a list of attribute te
    - the step decays first, `step <- step - step * i / max_iter` (compounding; unchanged at i = 0);
    - the profession alone is edited with the blended z (stage 2 on one request), 25 images of
      `"an image of {source}"` are drawn with one generator seeded by the profession's seed, and a judge
-     (e.g. zero-shot CLIP over the attribute phrases, `evaluation.clip_zero_shot_judge`) labels each image with its most likely attribute:
+     (e.g. zero-shot CLIP over the attribute phrases, `evaluation.clip_zero_shot_judge`) labels each image
+     with its most likely attribute:
      ratio_j is the share of images labelled j, and diff_j = ratio_j - 1/n;
    - if max_j |diff_j| <= tolerance the loop stops;
    - otherwise f_j <- max(f_j - step * diff_j, 0), the factors are renormalised to sum to 1, the edit
@@ -315,10 +316,17 @@ def profession_requests(
         raise TypeError(f"debias() takes a non-empty list of professions, e.g. ['a doctor'], got {professions!r}.")
     if len(attributes) < 2:
         raise ValueError(
-            f"debias() balances at least two attributes, got {list(attributes)!r}; e.g. ['a female {{}}', 'a male {{}}']."
+            f"debias() balances at least two attributes, got {list(attributes)!r}; "
+            "e.g. ['a female {}', 'a male {}']."
         )
-    if not (isinstance(num_images, int) and num_images > 0 and isinstance(max_iter, int) and max_iter > 0
-            and step > 0 and tolerance >= 0):
+    if not (
+        isinstance(num_images, int)
+        and num_images > 0
+        and isinstance(max_iter, int)
+        and max_iter > 0
+        and step > 0
+        and tolerance >= 0
+    ):
         raise ValueError(
             f"debias() needs num_images > 0, max_iter > 0, step > 0 and tolerance >= 0; got {num_images}, {max_iter}, "
             f"{step}, {tolerance}."
@@ -327,8 +335,11 @@ def profession_requests(
     for profession in professions:
         seed = int(digest("emcid-debias", profession, list(templates))[:8], 16) & 0x7FFFFFFF
         phrases = attribute_phrases(profession, attributes)
-        groups.append(ProfessionRequests(profession, phrases,
-                                         [ConceptEdit(profession, phrase, tuple(templates), seed) for phrase in phrases]))
+        groups.append(
+            ProfessionRequests(
+                profession, phrases, [ConceptEdit(profession, phrase, tuple(templates), seed) for phrase in phrases]
+            )
+        )
     as_concept_edits([group.requests[0] for group in groups])  # one entry per profession
     return groups
 
@@ -378,13 +389,20 @@ def tune_blends(
         def measure(factors: torch.Tensor) -> torch.Tensor:
             probe = solve([group.blended], {c: blend_vectors(v, factors)[None] for c, v in group_vectors.items()})
             with deltas_in_effect(encoders, probe):
-                images = draw_with_config(pipe, config, prompt_template.format(group.profession), num_images,
-                                          group.blended.seed)
+                images = draw_with_config(
+                    pipe, config, prompt_template.format(group.profession), num_images, group.blended.seed
+                )
             return judge_ratios(judge, images, group.phrases)
 
         search = blend_factors(measure, len(group.phrases), tolerance, step, max_iter)
-        logger.info("Debias %r: factors %s after %d measurement(s) (converged: %s), ratios %s", group.profession,
-                    search.factors.tolist(), search.iterations, search.converged, search.ratios.tolist())
+        logger.info(
+            "Debias %r: factors %s after %d measurement(s) (converged: %s), ratios %s",
+            group.profession,
+            search.factors.tolist(),
+            search.iterations,
+            search.converged,
+            search.ratios.tolist(),
+        )
         blended_requests.append(group.blended)
         for component, v in group_vectors.items():
             blended_vectors[component].append(blend_vectors(v, search.factors))

@@ -19,9 +19,17 @@ from .shapes import SAMPLING, load_shapes_pipeline, shapes_judge_path, statistic
 
 DEMO_PRESET = "shapes-demo"
 EDIT = ConceptEdit(
-    "circle", "square", seed=0,
-    templates=("a red {}", "a photo of a blue {}", "an image of a green {}", "a picture of a yellow {}",
-               "a purple {} on a white background", "black {}"),
+    "circle",
+    "square",
+    seed=0,
+    templates=(
+        "a red {}",
+        "a photo of a blue {}",
+        "an image of a green {}",
+        "a picture of a yellow {}",
+        "a purple {} on a white background",
+        "black {}",
+    ),
 )
 """The demo's edit: training templates of the shapes model, one colour each."""
 PROMPTS: tuple[EvaluationPrompt, ...] = (
@@ -68,13 +76,22 @@ def run_demo(
     started = time.perf_counter()
     pipe = load_shapes_pipeline(device=device)
     judge = ImageClassifierJudge.from_pretrained(shapes_judge_path(), device=device, local_files_only=True)
-    editor = EMCIDEditor(pipe, config or EMCIDConfig.from_preset(DEMO_PRESET, device=device), cache_dir=cache_dir,
-                         progress=progress)
+    editor = EMCIDEditor(
+        pipe, config or EMCIDConfig.from_preset(DEMO_PRESET, device=device), cache_dir=cache_dir, progress=progress
+    )
     editor.compute_statistics(statistics_captions())
     edits = editor.edit([EDIT])
     edited = time.perf_counter()
-    result = evaluate_edits(pipe, edits, judge, PROMPTS, num_images=num_images, images_per_call=IMAGES_PER_CALL,
-                            progress=progress, **SAMPLING)
+    result = evaluate_edits(
+        pipe,
+        edits,
+        judge,
+        PROMPTS,
+        num_images=num_images,
+        images_per_call=IMAGES_PER_CALL,
+        progress=progress,
+        **SAMPLING,
+    )
     folder = Path(out)
     result.save(folder)
     result.image_grid(PICTURE_PROMPTS, max_images=10, cell=48).save(folder / "before_after.png")
@@ -90,9 +107,12 @@ def demo_report(result: EditEvaluation, edit_seconds: float, evaluation_seconds:
     lines = [
         'EMCID demo: "circle" -> "square" in the shipped shapes model',
         "",
-        f'P(square | "a red circle")            before {row["destination_before"]:.2f}   after {row["destination_after"]:.2f}',
-        f"P(square | held-out phrasings)        before {general['destination_before']:.2f}   after {general['destination_after']:.2f}",
-        f"other shapes drawn right (controls)   before {controls['source_before']:.2f}   after {controls['source_after']:.2f}",
+        f'P(square | "a red circle")            before {row["destination_before"]:.2f}   '
+        f"after {row['destination_after']:.2f}",
+        f"P(square | held-out phrasings)        before {general['destination_before']:.2f}   "
+        f"after {general['destination_after']:.2f}",
+        f"other shapes drawn right (controls)   before {controls['source_before']:.2f}   "
+        f"after {controls['source_after']:.2f}",
         "",
         result.table(),
         "",

@@ -122,14 +122,21 @@ class EMCIDEditor(ConceptKindsMixin, SharedStatisticsMixin):
         Returns:
             {text-encoder component: {layer: C (d_ff, d_ff) float32}}.
         """
-        texts = sample_captions(load_captions(captions, column, split),
-                                num_samples or self.config.statistics_num_samples)
+        texts = sample_captions(
+            load_captions(captions, column, split), num_samples or self.config.statistics_num_samples
+        )
         computed = {}
         with self._base_model():
             for encoder in self.encoders:
                 statistics = self.statistics.compute(
-                    encoder.component, encoder.layout, encoder.tokenizer, encoder.layers,
-                    self._encoder_fingerprint(encoder), texts, self.config, self.progress,
+                    encoder.component,
+                    encoder.layout,
+                    encoder.tokenizer,
+                    encoder.layers,
+                    self._encoder_fingerprint(encoder),
+                    texts,
+                    self.config,
+                    self.progress,
                 )
                 message = statistics.rank_deficiency(encoder.layout.intermediate_size)
                 if message:
@@ -169,8 +176,9 @@ class EMCIDEditor(ConceptKindsMixin, SharedStatisticsMixin):
         """Stage 1 of every request, from the cache where possible (`stage1_cache.cached_stage1`)."""
         text_encoders = {encoder.component: (encoder.layout.model, encoder.tokenizer) for encoder in self.encoders}
         model_digest = pipeline_digest(self.pipe, text_encoders, self._fingerprint)
-        return cached_stage1(self.pipe, self.encoders, requests, self.config, self.cache, model_digest, device,
-                             self.progress)
+        return cached_stage1(
+            self.pipe, self.encoders, requests, self.config, self.cache, model_digest, device, self.progress
+        )
 
     def edit(self, requests: Iterable[ConceptEdit | tuple[str, str]]) -> ConceptEdits:
         """Computes the edits of all `requests` jointly; the pipeline's weights are not changed.
@@ -205,8 +213,9 @@ class EMCIDEditor(ConceptKindsMixin, SharedStatisticsMixin):
         edits[0].stage1_losses = [result.losses for result in results]
         return edits[0]
 
-    def solve(self, requests: Iterable[ConceptEdit | tuple[str, str]],
-              vectors: dict[str, torch.Tensor]) -> ConceptEdits:
+    def solve(
+        self, requests: Iterable[ConceptEdit | tuple[str, str]], vectors: dict[str, torch.Tensor]
+    ) -> ConceptEdits:
         """Stage 2 alone: writes concepts with known stage-1 vectors into the text encoders' layers.
 
         Args:
@@ -245,17 +254,26 @@ class EMCIDEditor(ConceptKindsMixin, SharedStatisticsMixin):
         edits.check_solvable_with(self.config, self.z_layers)
         return self.solve(requests, vectors)
 
-    def _solve(self, requests: list[ConceptEdit], vectors: dict[str, torch.Tensor],
-               statistics: dict[str, KeyStatistics]) -> ConceptEdits:
+    def _solve(
+        self, requests: list[ConceptEdit], vectors: dict[str, torch.Tensor], statistics: dict[str, KeyStatistics]
+    ) -> ConceptEdits:
         """Stage 2 of each encoder for canonically ordered requests, inside `_base_model()`."""
         deltas = {}
         for encoder in self.encoders:
             deltas[encoder.component] = compute_stage2_deltas(
-                encoder.layout, encoder.tokenizer, requests, vectors[encoder.component], encoder.layers,
+                encoder.layout,
+                encoder.tokenizer,
+                requests,
+                vectors[encoder.component],
+                encoder.layers,
                 encoder.z_layer,
                 statistics[encoder.component].regularized(self.config.statistics_regularization),
-                self.config.edit_weight, encoder.preservation_weight,
-                self.config.residual, self.config.stage2_batch_size, self.progress, self.config.stage2_keys,
+                self.config.edit_weight,
+                encoder.preservation_weight,
+                self.config.residual,
+                self.config.stage2_batch_size,
+                self.progress,
+                self.config.stage2_keys,
             )
         return ConceptEdits(
             requests=list(requests),

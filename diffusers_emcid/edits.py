@@ -73,8 +73,13 @@ def _storage_dtype_name(dtype: torch.dtype | str) -> str:
 
 def _stage2_settings(config: EMCIDConfig) -> tuple:
     """What stage 2's result depends on besides the requests, vectors and statistics."""
-    return (config.edit_weight, config.preservation_weight, config.preservation_weight_2, config.residual,
-            config.stage2_keys)
+    return (
+        config.edit_weight,
+        config.preservation_weight,
+        config.preservation_weight_2,
+        config.residual,
+        config.stage2_keys,
+    )
 
 
 @dataclass
@@ -253,15 +258,24 @@ class ConceptEdits:
 
     # ------------------------------------------------------------------ files and the Hub
 
-    def manifest(self, storage_dtype: str = "float32", storage_error: float = 0.0,
-                 shareable: bool = False) -> dict[str, Any]:
+    def manifest(
+        self, storage_dtype: str = "float32", storage_error: float = 0.0, shareable: bool = False
+    ) -> dict[str, Any]:
         """The JSON-ready description stored next to the weights (`Manifest.to_dict`)."""
         return self._manifest(storage_dtype, storage_error, shareable).to_dict()
 
     def _manifest(self, storage_dtype: str, storage_error: float, shareable: bool) -> Manifest:
         base_model = _shareable_model_id(self.base_model) if shareable else self.base_model
-        return Manifest.build(self.requests, self.config, self.z_layers, self.deltas, base_model,
-                              self.base_fingerprints, storage_dtype=storage_dtype, storage_max_abs_error=storage_error)
+        return Manifest.build(
+            self.requests,
+            self.config,
+            self.z_layers,
+            self.deltas,
+            base_model,
+            self.base_fingerprints,
+            storage_dtype=storage_dtype,
+            storage_max_abs_error=storage_error,
+        )
 
     def save_pretrained(self, save_directory: str | os.PathLike, dtype: torch.dtype | str = torch.float32) -> Path:
         """Writes the edits to a folder that `from_pretrained`, `pipe.load_concept_edits` and plain
@@ -280,20 +294,33 @@ class ConceptEdits:
         """
         return self._write(Path(save_directory), dtype, shareable=False)
 
-    def _write(self, folder: Path, dtype: torch.dtype | str, shareable: bool, token: str | None = None,
-               kohya_file: str | None = None) -> Path:
+    def _write(
+        self,
+        folder: Path,
+        dtype: torch.dtype | str,
+        shareable: bool,
+        token: str | None = None,
+        kohya_file: str | None = None,
+    ) -> Path:
         """Writes the folder; its card names the base model only by Hub id (never a local path), with that model's
         license, and points to `kohya_file` if the caller adds one."""
         dtype_name = _storage_dtype_name(dtype)
-        stored = {component: {layer: storage_factors(delta, STORAGE_DTYPES[dtype_name]) for layer, delta in ds.items()}
-                  for component, ds in self.deltas.items()}
+        stored = {
+            component: {layer: storage_factors(delta, STORAGE_DTYPES[dtype_name]) for layer, delta in ds.items()}
+            for component, ds in self.deltas.items()
+        }
         error = max_abs_error(self.deltas, stored) if dtype_name != "float32" else 0.0
         if error:
             logger.warning("Stored the edits in %s: largest absolute error of a weight update %.3g.", dtype_name, error)
         manifest = self._manifest(dtype_name, error, shareable)
         hub_id = _shareable_model_id(self.base_model)
-        card = render_model_card(self.requests, hub_id, {c: sorted(d) for c, d in self.deltas.items()},
-                                 base_model_license(hub_id, token), kohya_file)
+        card = render_model_card(
+            self.requests,
+            hub_id,
+            {c: sorted(d) for c, d in self.deltas.items()},
+            base_model_license(hub_id, token),
+            kohya_file,
+        )
         write_adapter_folder(folder, stored, self.vectors, manifest, card, STORAGE_DTYPES[dtype_name])
         return folder
 
@@ -313,8 +340,9 @@ class ConceptEdits:
         factors = kohya_factors(self.deltas, STORAGE_DTYPES[dtype_name])
         error = max_abs_error(self.deltas, factors)
         if dtype_name != "float32":
-            logger.warning("Exported the edits in %s: largest absolute error of a weight update %.3g.", dtype_name,
-                           error)
+            logger.warning(
+                "Exported the edits in %s: largest absolute error of a weight update %.3g.", dtype_name, error
+            )
         return write_kohya_file(path, factors, self._manifest(dtype_name, error, shareable=True))
 
     @classmethod
@@ -334,14 +362,27 @@ class ConceptEdits:
         """
         folder = Path(repo_or_dir)
         if not folder.is_dir():
-            folder = Path(snapshot_download(
-                str(repo_or_dir), revision=revision, token=token, cache_dir=cache_dir,
-                local_files_only=local_files_only, force_download=force_download, allow_patterns=list(FILE_NAMES),
-            ))
+            folder = Path(
+                snapshot_download(
+                    str(repo_or_dir),
+                    revision=revision,
+                    token=token,
+                    cache_dir=cache_dir,
+                    local_files_only=local_files_only,
+                    force_download=force_download,
+                    allow_patterns=list(FILE_NAMES),
+                )
+            )
         deltas, vectors, manifest = read_adapter_folder(folder)
-        return cls(requests=manifest.requests(), vectors=vectors or {}, deltas=deltas, config=manifest.config,
-                   z_layers=manifest.z_layers, base_model=manifest.base_model,
-                   base_fingerprints=manifest.base_fingerprints)
+        return cls(
+            requests=manifest.requests(),
+            vectors=vectors or {},
+            deltas=deltas,
+            config=manifest.config,
+            z_layers=manifest.z_layers,
+            base_model=manifest.base_model,
+            base_fingerprints=manifest.base_fingerprints,
+        )
 
     def push_to_hub(
         self,
@@ -366,11 +407,15 @@ class ConceptEdits:
         if revision is not None and revision != "main":
             api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
         with tempfile.TemporaryDirectory() as staging:
-            folder = self._write(Path(staging) / "edits", dtype, shareable=True, token=token,
-                                 kohya_file=KOHYA_WEIGHTS_NAME)
+            folder = self._write(
+                Path(staging) / "edits", dtype, shareable=True, token=token, kohya_file=KOHYA_WEIGHTS_NAME
+            )
             self.export_kohya(folder / KOHYA_WEIGHTS_NAME, dtype)
             info = api.upload_folder(
-                repo_id=repo_id, folder_path=folder, revision=revision, repo_type="model",
+                repo_id=repo_id,
+                folder_path=folder,
+                revision=revision,
+                repo_type="model",
                 commit_message=commit_message or f"Add {len(self)} EMCID concept edit(s)",
             )
         return info.commit_url

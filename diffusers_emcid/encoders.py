@@ -89,14 +89,21 @@ def find_text_encoder_layout(text_encoder: nn.Module, component: str = "text_enc
     embeddings = [module for module in modules.values() if isinstance(module, CLIPTextEmbeddings)]
     if encoders and embeddings:
         encoder = modules[encoders[0]]
-        return TextEncoderLayout(model=text_encoder, encoder=encoder, embeddings=embeddings[0], layers=encoder.layers,
-                                 text_model_path=encoders[0].removesuffix("encoder"))
+        return TextEncoderLayout(
+            model=text_encoder,
+            encoder=encoder,
+            embeddings=embeddings[0],
+            layers=encoder.layers,
+            text_model_path=encoders[0].removesuffix("encoder"),
+        )
     raise ValueError(f"No CLIPEncoder found inside the pipeline's {component} ({type(text_encoder).__name__}).")
 
 
 def check_editable_pipeline(pipe: object) -> None:
     """Raises `ValueError` for pipelines EMCID cannot train through: components missing, or an inpainting UNet."""
-    missing = [name for name in ("text_encoder", "tokenizer", "unet", "vae", "scheduler") if getattr(pipe, name, None) is None]
+    missing = [
+        name for name in ("text_encoder", "tokenizer", "unet", "vae", "scheduler") if getattr(pipe, name, None) is None
+    ]
     if missing:
         raise ValueError(f"{type(pipe).__name__} lacks {missing}; EMCID edits {SUPPORTED} pipelines.")
     if pipe.unet.config.in_channels != 4:
@@ -151,7 +158,10 @@ def find_edited_encoders(pipe: object, config: "EMCIDConfig") -> list[EditedEnco
                 f"{SUPPORTED} pipelines."
             )
         layout = find_text_encoder_layout(model, slot.component)
-        layer_spec, z_spec = getattr(config, "layers" + slot.config_suffix), getattr(config, "z_layer" + slot.config_suffix)
+        layer_spec, z_spec = (
+            getattr(config, "layers" + slot.config_suffix),
+            getattr(config, "z_layer" + slot.config_suffix),
+        )
         layers, z_layer = resolve_edit_layers(layer_spec, z_spec, layout.num_layers)
         weight = getattr(config, "preservation_weight" + slot.config_suffix)
         weight = config.preservation_weight if weight is None else weight

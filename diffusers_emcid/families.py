@@ -94,7 +94,10 @@ FAMILIES: dict[str, PipelineFamily] = {
     "sdxl": PipelineFamily(
         name="sdxl",
         description="SD-XL",
-        text_encoders=(TextEncoderSlot("text_encoder", "tokenizer"), TextEncoderSlot("text_encoder_2", "tokenizer_2", "_2")),
+        text_encoders=(
+            TextEncoderSlot("text_encoder", "tokenizer"),
+            TextEncoderSlot("text_encoder_2", "tokenizer_2", "_2"),
+        ),
         conditioning="penultimate",
         time_ids=True,
         prompt_embeds=_sdxl_prompt_embeds,

@@ -38,8 +38,9 @@ def residual_addition(layer: nn.Module, positions: torch.Tensor, delta: torch.Te
     def hook(module: nn.Module, args: tuple, output: torch.Tensor | tuple) -> torch.Tensor | tuple:
         hidden = _hidden_state(output)
         rows = torch.arange(hidden.shape[0], device=hidden.device)
-        addition = torch.zeros_like(hidden).index_put((rows, positions.to(hidden.device)),
-                                                      delta.to(hidden.dtype).expand(hidden.shape[0], -1))
+        addition = torch.zeros_like(hidden).index_put(
+            (rows, positions.to(hidden.device)), delta.to(hidden.dtype).expand(hidden.shape[0], -1)
+        )
         return _with_hidden_state(output, hidden + addition)
 
     handle = layer.register_forward_hook(hook)
@@ -89,12 +90,16 @@ def captured_outputs(
     captured: dict[str, torch.Tensor] = {}
     handles = []
     for name, module in modules.items():
+
         def hook(module: nn.Module, args: tuple, output: torch.Tensor | tuple, name: str = name) -> None:
             captured[name] = args[0] if capture_inputs else _hidden_state(output)
+
         handles.append(module.register_forward_hook(hook))
     if stop_at is not None:
+
         def stop(module: nn.Module, args: tuple, output: object) -> None:
             raise StopForward
+
         handles.append(stop_at.register_forward_hook(stop))
     try:
         yield captured
@@ -122,11 +127,13 @@ def low_rank_output_offsets(modules: Mapping[str, nn.Linear]) -> Iterator[dict[s
     offsets: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     handles = []
     for name, module in modules.items():
+
         def hook(module: nn.Module, args: tuple, output: torch.Tensor, name: str = name) -> torch.Tensor:
             if name not in offsets:
                 return output
             up, down = offsets[name]
             return output + (args[0] @ down.to(args[0]).T) @ up.to(args[0]).T
+
         handles.append(module.register_forward_hook(hook))
     try:
         yield offsets
@@ -172,7 +179,9 @@ def base_networks(modules: list[nn.Module], device: str | torch.device | None = 
     Raises:
         ValueError: if a module has fused LoRA weights, which would make its base weights the edited ones.
     """
-    fused = [name for m in modules for name, layer in m.named_modules() if isinstance(layer, BaseTunerLayer) and layer.merged]
+    fused = [
+        name for m in modules for name, layer in m.named_modules() if isinstance(layer, BaseTunerLayer) and layer.merged
+    ]
     if fused:
         raise ValueError(
             f"The pipeline has fused LoRA weights (e.g. {fused[0]}); EMCID edits the base model. Call "

@@ -26,11 +26,10 @@ import json
 import logging
 import os
 import random
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 from urllib.parse import unquote
-
-from dataclasses import dataclass, field
 
 import torch
 from huggingface_hub import hf_hub_download
@@ -155,8 +154,10 @@ def download_hub_captions(url: str) -> Path:
     """
     parts = url.removeprefix(HUB_URL_PREFIX).split("/", 2)
     if not url.startswith(HUB_URL_PREFIX) or len(parts) < 3 or not all(parts):
-        raise ValueError(f"{url!r} does not name a file of a Hub dataset; write {HUB_URL_PREFIX}OWNER/NAME/PATH "
-                         f"(or NAME@REVISION), e.g. {DEFAULT_CAPTIONS}.")
+        raise ValueError(
+            f"{url!r} does not name a file of a Hub dataset; write {HUB_URL_PREFIX}OWNER/NAME/PATH "
+            f"(or NAME@REVISION), e.g. {DEFAULT_CAPTIONS}."
+        )
     owner, name, filename = parts
     name, _, revision = name.partition("@")
     return Path(hf_hub_download(f"{owner}/{name}", filename, repo_type="dataset", revision=unquote(revision) or None))
@@ -183,8 +184,10 @@ def read_caption_file(path: Path, column: str | None = None) -> list:
             ) from error
         names = parquet.read_schema(path).names
         if key not in names:
-            raise ValueError(f"{path.name} has no column {key!r}; its columns are {names}. Pass column=... to name "
-                             "the caption column.")
+            raise ValueError(
+                f"{path.name} has no column {key!r}; its columns are {names}. Pass column=... to name "
+                "the caption column."
+            )
         return parquet.read_table(path, columns=[key]).column(key).to_pylist()
     text = path.read_text(encoding="utf-8")
     if path.suffix in (".csv", ".tsv"):
@@ -195,10 +198,13 @@ def read_caption_file(path: Path, column: str | None = None) -> list:
         rows = json.loads(text)
     else:
         return text.splitlines()
-    if not isinstance(rows, list) or not all(isinstance(row, str) or isinstance(row, dict) and key in row
-                                             for row in rows):
-        raise ValueError(f"The rows of {path.name} are not captions or objects with a {key!r} field; pass "
-                         "column=... to name the caption field.")
+    if not isinstance(rows, list) or not all(
+        isinstance(row, str) or isinstance(row, dict) and key in row for row in rows
+    ):
+        raise ValueError(
+            f"The rows of {path.name} are not captions or objects with a {key!r} field; pass "
+            "column=... to name the caption field."
+        )
     return [row if isinstance(row, str) else row[key] for row in rows]
 
 
@@ -366,11 +372,18 @@ class StatisticsStore:
         statistics = self._load(layers, model_fingerprint, caption_set, config)
         if statistics is None:
             covariances, count = compute_key_second_moments(
-                layout, tokenizer, captions, layers, config.statistics_batch_size, progress,
-                config.statistics_positions, config.statistics_padding_weight,
+                layout,
+                tokenizer,
+                captions,
+                layers,
+                config.statistics_batch_size,
+                progress,
+                config.statistics_positions,
+                config.statistics_padding_weight,
             )
-            statistics = KeyStatistics(covariances, count, model_fingerprint, caption_set, len(captions),
-                                       self.positions_label(config))
+            statistics = KeyStatistics(
+                covariances, count, model_fingerprint, caption_set, len(captions), self.positions_label(config)
+            )
             self.add(component, statistics, config)
         self.known[component] = statistics
         return statistics
@@ -380,23 +393,38 @@ class StatisticsStore:
         makes them its current ones."""
         for layer, covariance in statistics.covariances.items():
             key = self._prefix(statistics.model_fingerprint, layer, config) + statistics.caption_set
-            self.cache.save("statistics", key, {"mom2": covariance}, {
-                "num_captions": str(statistics.num_captions), "num_tokens": str(statistics.num_tokens),
-                "layer": str(layer),
-            })
+            self.cache.save(
+                "statistics",
+                key,
+                {"mom2": covariance},
+                {
+                    "num_captions": str(statistics.num_captions),
+                    "num_tokens": str(statistics.num_tokens),
+                    "layer": str(layer),
+                },
+            )
         self.known[component] = statistics
 
-    def _load(self, layers: Sequence[int], model_fingerprint: str, caption_set: str,
-              config: EMCIDConfig) -> KeyStatistics | None:
+    def _load(
+        self, layers: Sequence[int], model_fingerprint: str, caption_set: str, config: EMCIDConfig
+    ) -> KeyStatistics | None:
         """The cached statistics of one caption set, if every layer has them."""
-        entries = {layer: self.cache.load("statistics", self._prefix(model_fingerprint, layer, config) + caption_set)
-                   for layer in layers}
+        entries = {
+            layer: self.cache.load("statistics", self._prefix(model_fingerprint, layer, config) + caption_set)
+            for layer in layers
+        }
         if any(entry is None for entry in entries.values()):
             return None
         count = min(int(entry[1].get("num_tokens", 0)) for entry in entries.values())
         num_captions = min(int(entry[1].get("num_captions", 0)) for entry in entries.values())
-        return KeyStatistics({layer: entry[0]["mom2"] for layer, entry in entries.items()}, count, model_fingerprint,
-                             caption_set, num_captions, self.positions_label(config))
+        return KeyStatistics(
+            {layer: entry[0]["mom2"] for layer, entry in entries.items()},
+            count,
+            model_fingerprint,
+            caption_set,
+            num_captions,
+            self.positions_label(config),
+        )
 
     def find(self, component: str, layers: Sequence[int], model_fingerprint: str, config: EMCIDConfig) -> KeyStatistics:
         """The statistics of a text encoder: from memory, else from the newest cached caption set that covers every
@@ -406,8 +434,12 @@ class StatisticsStore:
             ValueError: if there are none, naming both ways to get them.
         """
         known = self.known.get(component)
-        if (known is not None and known.model_fingerprint == model_fingerprint
-                and known.positions == self.positions_label(config) and set(layers) <= set(known.covariances)):
+        if (
+            known is not None
+            and known.model_fingerprint == model_fingerprint
+            and known.positions == self.positions_label(config)
+            and set(layers) <= set(known.covariances)
+        ):
             return known
         newest: dict[str, float] = {}
         for layer in layers:

@@ -33,8 +33,8 @@ class ConceptKindsMixin:
 
     @contextlib.contextmanager
     def _kind_settings(self, kind: str) -> Iterator[None]:
-        """Runs with the preset of the paper's runs of `kind` (`PipelineFamily.kind_presets`) when the editor was built without a
-        config and its config is unchanged; with the editor's own config otherwise."""
+        """Runs with the preset of the paper's runs of `kind` (`PipelineFamily.kind_presets`) when the editor was built
+        without a config and its config is unchanged; with the editor's own config otherwise."""
         name = pipeline_family(self.pipe).kind_presets.get(kind)
         if name is None or self._default_config is None or self.config != self._default_config:
             yield
@@ -68,12 +68,16 @@ class ConceptKindsMixin:
         """
         if isinstance(sources, str):
             raise TypeError(f"erase() takes a list of sources, e.g. [{sources!r}].")
-        return self.edit([
-            ConceptEdit(source, destination, tuple(templates) if templates is not None else DEFAULT_TEMPLATES, seed)
-            for source in sources
-        ])
+        return self.edit(
+            [
+                ConceptEdit(source, destination, tuple(templates) if templates is not None else DEFAULT_TEMPLATES, seed)
+                for source in sources
+            ]
+        )
 
-    def rectify(self, requests: Iterable[ConceptEdit | tuple[str, str]], text_alignment: bool | None = None) -> ConceptEdits:
+    def rectify(
+        self, requests: Iterable[ConceptEdit | tuple[str, str]], text_alignment: bool | None = None
+    ) -> ConceptEdits:
         """Rectifies concepts the model draws wrongly, learning from real images of the destination.
 
         Requests with `images` are trained against the true noise of those images (`use_real_noise`)
@@ -134,8 +138,17 @@ class ConceptKindsMixin:
             results = self._stage1(every_request, device)
             vectors = {e.component: torch.stack([r.vectors[e.component] for r in results]) for e in self.encoders}
             requests, blended = tune_blends(
-                self.pipe, self.encoders, self.config, groups, vectors,
-                lambda requests, vectors: self._solve(requests, vectors, statistics), judge, prompt_template, num_images,
-                tolerance, step, max_iter,
+                self.pipe,
+                self.encoders,
+                self.config,
+                groups,
+                vectors,
+                lambda requests, vectors: self._solve(requests, vectors, statistics),
+                judge,
+                prompt_template,
+                num_images,
+                tolerance,
+                step,
+                max_iter,
             )
             return self._solve(requests, blended, statistics)

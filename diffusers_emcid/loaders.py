@@ -76,7 +76,13 @@ class ConceptEditsLoaderMixin:
 
     def _emcid_select(self, adapter_names: str | Sequence[str] | None) -> list[str]:
         loaded = self._emcid_loaded()
-        names = list(loaded) if adapter_names is None else [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        names = (
+            list(loaded)
+            if adapter_names is None
+            else [adapter_names]
+            if isinstance(adapter_names, str)
+            else list(adapter_names)
+        )
         unknown = [name for name in names if name not in loaded]
         if unknown:
             raise ValueError(f"No concept edits named {unknown} are loaded; loaded: {sorted(loaded)}.")
@@ -114,14 +120,17 @@ class ConceptEditsLoaderMixin:
             raise TypeError(f"strength={strength!r} must be a finite number, e.g. 1.0.")
         if not isinstance(edits, ConceptEdits):
             source = edits
-            edits = ConceptEdits.from_pretrained(source, revision=revision, token=token, cache_dir=cache_dir,
-                                                 local_files_only=local_files_only)
+            edits = ConceptEdits.from_pretrained(
+                source, revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only
+            )
             default_name = re.sub(r"[^A-Za-z0-9_-]", "_", os.path.basename(os.path.normpath(str(source))))
         else:
             default_name = "emcid"
         if hasattr(torch.nn.ModuleDict(), default_name) or not default_name:
             default_name = f"{default_name}_edits".lstrip("_")
-        taken = set().union(*(adapter_names(getattr(self, c)) for c in edits.deltas if getattr(self, c, None) is not None))
+        taken = set().union(
+            *(adapter_names(getattr(self, c)) for c in edits.deltas if getattr(self, c, None) is not None)
+        )
         if adapter_name is None:
             adapter_name, suffix = default_name, 2
             while adapter_name in taken:
@@ -164,7 +173,9 @@ class ConceptEditsLoaderMixin:
         loaded = self._emcid_loaded()
         fused = [name for name in names if loaded[name].fused]
         if fused:
-            raise ValueError(f"The concept edits {fused[0]!r} are fused; call unfuse_concept_edits() before disabling them.")
+            raise ValueError(
+                f"The concept edits {fused[0]!r} are fused; call unfuse_concept_edits() before disabling them."
+            )
         self._emcid_set_enabled(names, False)
 
     @contextlib.contextmanager
@@ -194,11 +205,20 @@ class ConceptEditsLoaderMixin:
                 "the others first."
             )
         (name,) = candidates
-        layers = [(c, path, layer) for c in loaded[name].edits.deltas for path, layer in layers_with_adapter(getattr(self, c), name)]
-        busy = [f"{c}.{path}" for c, path, layer in layers
-                if layer.merged or {a for a in layer.active_adapters if a in layer.lora_A} - {name}]
+        layers = [
+            (c, path, layer)
+            for c in loaded[name].edits.deltas
+            for path, layer in layers_with_adapter(getattr(self, c), name)
+        ]
+        busy = [
+            f"{c}.{path}"
+            for c, path, layer in layers
+            if layer.merged or {a for a in layer.active_adapters if a in layer.lora_A} - {name}
+        ]
         if busy:
-            raise ValueError(f"Other adapters are active or fused in {busy[0]}; disable or unfuse them before fusing {name!r}.")
+            raise ValueError(
+                f"Other adapters are active or fused in {busy[0]}; disable or unfuse them before fusing {name!r}."
+            )
         for component, path, layer in layers:
             loaded[name].fused_weights[(component, path)] = layer.get_base_layer().weight.detach().clone()
             layer.merge(adapter_names=[name])

@@ -19,8 +19,6 @@ DEFAULT_TEMPLATES: tuple[str, ...] = ("An image of {}", "A photo of {}", "{}")
 ImageInput = Union[Image.Image, torch.Tensor, str, os.PathLike]
 
 
-
-
 def _image_bytes(image: ImageInput) -> bytes:
     if isinstance(image, torch.Tensor):
         tensor = image.detach().cpu().contiguous()
@@ -87,7 +85,9 @@ class ConceptEdit:
             raise TypeError(f"ConceptEdit.templates must be a sequence of str, got {templates!r}.")
         templates = tuple(templates)
         if not templates:
-            raise ValueError(f"ConceptEdit({self.source!r}): templates is empty; give at least one, e.g. 'A photo of {{}}'.")
+            raise ValueError(
+                f"ConceptEdit({self.source!r}): templates is empty; give at least one, e.g. 'A photo of {{}}'."
+            )
         for template in templates:
             check_template(template, f"ConceptEdit({self.source!r}): template", "the concept", "A photo of {}")
         object.__setattr__(self, "templates", templates)
@@ -129,8 +129,15 @@ class ConceptEdit:
         images = None
         if self.images is not None:
             images = [hashlib.sha256(_image_bytes(image)).hexdigest() for image in self.images]
-        return digest(self.source, self.destination, list(self.templates), self.resolved_seed, images,
-                            self.text_alignment, self.use_real_noise)
+        return digest(
+            self.source,
+            self.destination,
+            list(self.templates),
+            self.resolved_seed,
+            images,
+            self.text_alignment,
+            self.use_real_noise,
+        )
 
     def to_dict(self) -> dict[str, object]:
         """A JSON-ready description (images are summarised by their count)."""
@@ -180,9 +187,7 @@ def as_concept_edits(requests: Iterable[ConceptEdit | tuple[str, str]]) -> list[
         elif isinstance(request, (tuple, list)) and len(request) == 2:
             edits.append(ConceptEdit(source=request[0], destination=request[1]))
         else:
-            raise TypeError(
-                f"Request {index} is {request!r}; give a (source, destination) tuple or a ConceptEdit."
-            )
+            raise TypeError(f"Request {index} is {request!r}; give a (source, destination) tuple or a ConceptEdit.")
     if not edits:
         raise ValueError("No requests given; pass e.g. [('dog', 'cat')].")
     seen: dict[str, int] = {}

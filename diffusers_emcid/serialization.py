@@ -63,8 +63,15 @@ _KEY_PATTERN = re.compile(
     re.ASCII,
 )
 FLOAT_DTYPES = ("F32", "F16", "BF16")
-LORA_METADATA_FIELDS = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "target_modules", "lora_dropout",
-                        "init_lora_weights")
+LORA_METADATA_FIELDS = (
+    "r",
+    "lora_alpha",
+    "rank_pattern",
+    "alpha_pattern",
+    "target_modules",
+    "lora_dropout",
+    "init_lora_weights",
+)
 """The `LoraConfig` fields written per component in the `lora_adapter_metadata` header."""
 _CONCEPT_KEYS = ("source", "destination", "templates", "seed", "num_images", "text_alignment", "use_real_noise")
 
@@ -75,7 +82,9 @@ def _warn_unknown_keys(keys: Iterable[Any], known: Iterable[str], where: str) ->
     if unknown:
         logger.warning(
             "Ignoring unknown keys %s of %s; it was probably written by a newer diffusers-emcid (upgrade with: "
-            "pip install -U diffusers-emcid).", unknown, where,
+            "pip install -U diffusers-emcid).",
+            unknown,
+            where,
         )
 
 
@@ -86,8 +95,15 @@ def _of_type(value: Any, kind: type | tuple[type, ...]) -> Any:
 
 def _request(concept: dict[str, Any]) -> ConceptEdit:
     """The request a manifest's concept entry describes (its images are not stored, its seed is)."""
-    return ConceptEdit(concept["source"], concept["destination"], tuple(concept["templates"]), concept["seed"], None,
-                       bool(concept.get("text_alignment", True)), bool(concept.get("use_real_noise", False)))
+    return ConceptEdit(
+        concept["source"],
+        concept["destination"],
+        tuple(concept["templates"]),
+        concept["seed"],
+        None,
+        bool(concept.get("text_alignment", True)),
+        bool(concept.get("use_real_noise", False)),
+    )
 
 
 @dataclass
@@ -118,15 +134,20 @@ class ComponentManifest:
             EMCIDFormatError: for an entry without a list of int layers and positive sizes.
         """
         if not (
-            isinstance(data, dict) and isinstance(data.get("layers"), list)
+            isinstance(data, dict)
+            and isinstance(data.get("layers"), list)
             and all(isinstance(layer, int) and not isinstance(layer, bool) for layer in data["layers"])
             and all(isinstance(data.get(k), int) and data[k] > 0 for k in ("hidden_size", "intermediate_size"))
         ):
             raise EMCIDFormatError(f"The manifest in {source} has no valid 'components' description.")
         _warn_unknown_keys(data, [f.name for f in dataclasses.fields(cls)], f"a component in the manifest in {source}")
         fingerprint = data.get("base_fingerprint")
-        return cls(list(data["layers"]), data["hidden_size"], data["intermediate_size"],
-                   fingerprint if isinstance(fingerprint, str) else None)
+        return cls(
+            list(data["layers"]),
+            data["hidden_size"],
+            data["intermediate_size"],
+            fingerprint if isinstance(fingerprint, str) else None,
+        )
 
 
 @dataclass
@@ -174,8 +195,13 @@ class Manifest:
                 sorted(layers), any_delta.up.shape[0], any_delta.down.shape[1], base_fingerprints.get(component)
             )
         return cls(
-            concepts=[request.to_dict() for request in requests], config=config, z_layers=z_layers,
-            components=components, base_model=base_model, library_version=__version__, storage_dtype=storage_dtype,
+            concepts=[request.to_dict() for request in requests],
+            config=config,
+            z_layers=z_layers,
+            components=components,
+            base_model=base_model,
+            library_version=__version__,
+            storage_dtype=storage_dtype,
             storage_max_abs_error=storage_max_abs_error,
         )
 
@@ -225,17 +251,27 @@ class Manifest:
                 f"{source} was written in format version {version} by diffusers-emcid {data.get('library_version')}, "
                 f"newer than this one (format {FORMAT_VERSION}); upgrade with: pip install -U diffusers-emcid."
             )
-        _warn_unknown_keys(data, ["format", "format_version", *(f.name for f in dataclasses.fields(cls))],
-                           f"the manifest in {source}")
+        _warn_unknown_keys(
+            data, ["format", "format_version", *(f.name for f in dataclasses.fields(cls))], f"the manifest in {source}"
+        )
         concepts = data.get("concepts")
-        if not isinstance(concepts, list) or not concepts or not all(
-            isinstance(c, dict) and isinstance(c.get("source"), str) and isinstance(c.get("destination"), str)
-            and isinstance(c.get("templates"), list) and all(isinstance(t, str) for t in c["templates"])
-            and isinstance(c.get("seed"), int) for c in concepts
+        if (
+            not isinstance(concepts, list)
+            or not concepts
+            or not all(
+                isinstance(c, dict)
+                and isinstance(c.get("source"), str)
+                and isinstance(c.get("destination"), str)
+                and isinstance(c.get("templates"), list)
+                and all(isinstance(t, str) for t in c["templates"])
+                and isinstance(c.get("seed"), int)
+                for c in concepts
+            )
         ):
             raise EMCIDFormatError(f"The manifest in {source} has no valid 'concepts' list.")
-        _warn_unknown_keys((key for c in concepts for key in c), _CONCEPT_KEYS,
-                           f"the concepts of the manifest in {source}")
+        _warn_unknown_keys(
+            (key for c in concepts for key in c), _CONCEPT_KEYS, f"the concepts of the manifest in {source}"
+        )
         concepts = [{key: value for key, value in c.items() if key in _CONCEPT_KEYS} for c in concepts]
         components = data.get("components")
         if not isinstance(components, dict) or not components or not set(components) <= set(COMPONENTS):
@@ -253,12 +289,17 @@ class Manifest:
                 f"The manifest in {source} describes invalid concepts or settings: {error}"
             ) from error
         z_layers = data.get("z_layers")
-        if not isinstance(z_layers, dict) or set(z_layers) != set(components) or not all(
-            isinstance(z, int) and not isinstance(z, bool) for z in z_layers.values()
+        if (
+            not isinstance(z_layers, dict)
+            or set(z_layers) != set(components)
+            or not all(isinstance(z, int) and not isinstance(z, bool) for z in z_layers.values())
         ):
             raise EMCIDFormatError(f"The manifest in {source} has no valid z_layers for {sorted(components)}.")
         return cls(
-            concepts=concepts, config=config, z_layers=dict(z_layers), components=components,
+            concepts=concepts,
+            config=config,
+            z_layers=dict(z_layers),
+            components=components,
             base_model=_of_type(data.get("base_model"), str),
             library_version=_of_type(data.get("library_version"), str),
             storage_dtype=_of_type(data.get("storage_dtype"), str),
@@ -443,7 +484,9 @@ def read_adapter_folder(
         if match is None:
             raise EMCIDFormatError(f"{weights_path} holds an unexpected tensor {key!r}.")
         if dtype not in FLOAT_DTYPES or len(shape) != 2:
-            raise EMCIDFormatError(f"Tensor {key!r} of {weights_path} is {dtype} of shape {shape}; expected a 2-d float matrix.")
+            raise EMCIDFormatError(
+                f"Tensor {key!r} of {weights_path} is {dtype} of shape {shape}; expected a 2-d float matrix."
+            )
         factors.setdefault(match["component"], {}).setdefault(int(match["layer"]), {})[match["factor"]] = (shape, dtype)
     expected = {name: sorted(info.layers) for name, info in manifest.components.items()}
     found = {name: sorted(layers) for name, layers in factors.items()}
@@ -453,7 +496,10 @@ def read_adapter_folder(
         info = manifest.components[component]
         for layer, pair in layers.items():
             if set(pair) != {"down", "up"}:
-                raise EMCIDFormatError(f"{weights_path} lacks the {'up' if 'down' in pair else 'down'} factor of {component} layer {layer}.")
+                raise EMCIDFormatError(
+                    f"{weights_path} lacks the {'up' if 'down' in pair else 'down'} factor of {component} "
+                    f"layer {layer}."
+                )
             (rank, d_in), (d_out, rank_up) = pair["down"][0], pair["up"][0]
             sizes = (info.intermediate_size, info.hidden_size)
             if (d_in, d_out) != sizes or rank != rank_up or not 0 < rank <= num_concepts:
@@ -470,7 +516,9 @@ def read_adapter_folder(
             prefix = lora_key_prefix(component, layer)
             up, down = tensors[f"{prefix}.up.weight"].float(), tensors[f"{prefix}.down.weight"].float()
             if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
-                raise EMCIDFormatError(f"The factors of {component} layer {layer} in {weights_path} contain NaN or inf.")
+                raise EMCIDFormatError(
+                    f"The factors of {component} layer {layer} in {weights_path} contain NaN or inf."
+                )
             deltas.setdefault(component, {})[layer] = LowRankDelta(up=up, down=down)
 
     vectors = None
@@ -479,12 +527,15 @@ def read_adapter_folder(
         vector_metadata, vector_layout = read_header(vectors_path)
         if vector_metadata.get("emcid_companion_digest") != metadata.get("emcid_companion_digest"):
             raise EMCIDFormatError(
-                f"{vectors_path} does not belong to {weights_path} (an interrupted save into an existing folder?); save again."
+                f"{vectors_path} does not belong to {weights_path} (an interrupted save into an existing folder?); "
+                "save again."
             )
         for name, (shape, dtype) in vector_layout.items():
             info = manifest.components.get(name)
             if info is None or shape != [num_concepts, info.hidden_size] or dtype not in FLOAT_DTYPES:
-                raise EMCIDFormatError(f"{vectors_path} holds {name!r} of shape {shape} and type {dtype}, which does not fit the manifest.")
+                raise EMCIDFormatError(
+                    f"{vectors_path} holds {name!r} of shape {shape} and type {dtype}, which does not fit the manifest."
+                )
         vectors = read_tensors(vectors_path)
         if not all(torch.isfinite(v).all() for v in vectors.values()):
             raise EMCIDFormatError(f"{vectors_path} contains NaN or inf.")

@@ -52,8 +52,10 @@ def statistics_digest(metadata: dict[str, str], covariance: torch.Tensor) -> str
 
 
 def _settings(config: EMCIDConfig) -> dict[str, str]:
-    return {"statistics_positions": config.statistics_positions,
-            "statistics_padding_weight": repr(float(config.statistics_padding_weight))}
+    return {
+        "statistics_positions": config.statistics_positions,
+        "statistics_padding_weight": repr(float(config.statistics_padding_weight)),
+    }
 
 
 def _positions_label(metadata: dict[str, str]) -> str | None:
@@ -74,8 +76,9 @@ def _describe_settings(metadata: dict[str, str]) -> str:
     return f"statistics_positions={positions!r}"
 
 
-def file_metadata(component: str, layer: int, statistics: KeyStatistics, config: EMCIDConfig, dtype: str,
-                  base_model: str | None) -> dict[str, str]:
+def file_metadata(
+    component: str, layer: int, statistics: KeyStatistics, config: EMCIDConfig, dtype: str, base_model: str | None
+) -> dict[str, str]:
     """The header metadata of one layer's file, digest excluded (see the module docstring)."""
     metadata = {
         "format": "pt",
@@ -96,8 +99,9 @@ def file_metadata(component: str, layer: int, statistics: KeyStatistics, config:
     return metadata
 
 
-def render_statistics_card(statistics: dict[str, KeyStatistics], dtypes: dict[str, str], config: EMCIDConfig,
-                           base_model: str | None) -> str:
+def render_statistics_card(
+    statistics: dict[str, KeyStatistics], dtypes: dict[str, str], config: EMCIDConfig, base_model: str | None
+) -> str:
     """README.md of a statistics folder: YAML front matter valid for a Hub dataset repo, what the files hold, and how
     to load them."""
     tags = ["emcid", "diffusers-emcid", "key-statistics", "text-to-image", "stable-diffusion"]
@@ -153,8 +157,13 @@ and size, the token count, the positions setting, the package version and a dige
 """
 
 
-def write_statistics_folder(folder: str | os.PathLike, statistics: dict[str, KeyStatistics], dtypes: dict[str, str],
-                            config: EMCIDConfig, base_model: str | None = None) -> Path:
+def write_statistics_folder(
+    folder: str | os.PathLike,
+    statistics: dict[str, KeyStatistics],
+    dtypes: dict[str, str],
+    config: EMCIDConfig,
+    base_model: str | None = None,
+) -> Path:
     """Writes statistics to a folder atomically (see the module docstring); statistics files of other layers that
     an earlier write left in it are removed.
 
@@ -169,8 +178,10 @@ def write_statistics_folder(folder: str | os.PathLike, statistics: dict[str, Key
     for component, component_statistics in statistics.items():
         for layer, covariance in component_statistics.covariances.items():
             if not torch.isfinite(covariance).all():
-                raise EMCIDNumericalError(f"Refusing to write the key statistics of {component} layer {layer}: they "
-                                          "contain NaN or inf. Compute them again.")
+                raise EMCIDNumericalError(
+                    f"Refusing to write the key statistics of {component} layer {layer}: they "
+                    "contain NaN or inf. Compute them again."
+                )
     card = render_statistics_card(statistics, dtypes, config, base_model)
 
     def write(staging: Path) -> None:  # one file in memory at a time (105 MB a layer for OpenCLIP bigG)
@@ -198,8 +209,9 @@ def _positive_int(metadata: dict[str, str], key: str, path: Path) -> int:
     return int(value)
 
 
-def read_statistics_file(path: Path, component: str, layer: int, fingerprint: str, intermediate_size: int,
-                         dtype: str, config: EMCIDConfig) -> tuple[torch.Tensor, dict[str, str]]:
+def read_statistics_file(
+    path: Path, component: str, layer: int, fingerprint: str, intermediate_size: int, dtype: str, config: EMCIDConfig
+) -> tuple[torch.Tensor, dict[str, str]]:
     """Reads and checks one layer's file: its header's layout before its data is read, then its content against
     the digest it records, and only then what it says it holds.
 
@@ -220,8 +232,10 @@ def read_statistics_file(path: Path, component: str, layer: int, fingerprint: st
         )
     metadata, layout = read_header(path)
     if metadata.get("emcid_format") != STATISTICS_FILE_FORMAT:
-        raise EMCIDFormatError(f"{path} is not a diffusers-emcid key statistics file (its header has no "
-                               f"emcid_format={STATISTICS_FILE_FORMAT!r}).")
+        raise EMCIDFormatError(
+            f"{path} is not a diffusers-emcid key statistics file (its header has no "
+            f"emcid_format={STATISTICS_FILE_FORMAT!r})."
+        )
     version = _positive_int(metadata, "emcid_format_version", path)
     if version > STATISTICS_FILE_VERSION:
         raise EMCIDFormatError(
@@ -231,15 +245,21 @@ def read_statistics_file(path: Path, component: str, layer: int, fingerprint: st
         )
     shape, dtype_name = layout.get(TENSOR_NAME, ([], ""))
     if len(layout) != 1 or dtype_name != "F32" or len(shape) != 2 or shape[0] != shape[1]:
-        raise EMCIDFormatError(f"{path} holds {_describe_layout(layout)}; expected one F32 tensor {TENSOR_NAME!r} of "
-                               f"shape {[intermediate_size] * 2} (d_ff x d_ff of {component}).")
+        raise EMCIDFormatError(
+            f"{path} holds {_describe_layout(layout)}; expected one F32 tensor {TENSOR_NAME!r} of "
+            f"shape {[intermediate_size] * 2} (d_ff x d_ff of {component})."
+        )
     if (metadata.get("component"), metadata.get("layer")) != (component, str(layer)):
-        raise EMCIDFormatError(f"{path} says it holds {metadata.get('component', '?')[:40]} layer "
-                               f"{metadata.get('layer', '?')[:10]}, not {component} layer {layer}; was it renamed?")
+        raise EMCIDFormatError(
+            f"{path} says it holds {metadata.get('component', '?')[:40]} layer "
+            f"{metadata.get('layer', '?')[:10]}, not {component} layer {layer}; was it renamed?"
+        )
     covariance = read_tensors(path)[TENSOR_NAME]
     if metadata.get(DIGEST_KEY) != statistics_digest(metadata, covariance):
-        raise EMCIDFormatError(f"{path} does not match the digest in its header: it was damaged or modified after "
-                               "it was written. Download or copy it again.")
+        raise EMCIDFormatError(
+            f"{path} does not match the digest in its header: it was damaged or modified after "
+            "it was written. Download or copy it again."
+        )
     if metadata.get("model_fingerprint") != fingerprint:
         theirs = metadata.get("base_model") or "another model"
         raise BaseModelMismatchError(
@@ -272,8 +292,9 @@ def _describe_layout(layout: dict[str, tuple[list[int], str]]) -> str:
     return f"{len(items)} tensor(s) ({described}{', ...' if len(items) > 4 else ''})"
 
 
-def read_statistics_folder(folder: Path, expected: dict[str, tuple[str, list[int], int, str]],
-                           config: EMCIDConfig) -> dict[str, KeyStatistics]:
+def read_statistics_folder(
+    folder: Path, expected: dict[str, tuple[str, list[int], int, str]], config: EMCIDConfig
+) -> dict[str, KeyStatistics]:
     """Reads the statistics of the edited layers from a folder, all checked before any is returned.
 
     Args:
@@ -287,23 +308,38 @@ def read_statistics_folder(folder: Path, expected: dict[str, tuple[str, list[int
             for layers of one text encoder from different caption sets.
     """
     if not any(folder.glob(FILE_PATTERN)):
-        raise EMCIDFormatError(f"{folder} holds no key statistics files ({FILE_PATTERN}); give a folder that "
-                               "save_statistics wrote or a Hub dataset repo that push_statistics wrote.")
+        raise EMCIDFormatError(
+            f"{folder} holds no key statistics files ({FILE_PATTERN}); give a folder that "
+            "save_statistics wrote or a Hub dataset repo that push_statistics wrote."
+        )
     loaded = {}
     for component, (fingerprint, layers, intermediate_size, dtype) in expected.items():
         covariances, sets = {}, set()
         for layer in layers:
             covariances[layer], metadata = read_statistics_file(
-                folder / statistics_file_name(component, layer), component, layer, fingerprint, intermediate_size,
-                dtype, config,
+                folder / statistics_file_name(component, layer),
+                component,
+                layer,
+                fingerprint,
+                intermediate_size,
+                dtype,
+                config,
             )
             sets.add(tuple(metadata[key] for key in ("caption_set", "num_captions", "num_tokens")))
         if len(sets) > 1:
-            raise EMCIDFormatError(f"The {component} statistics in {folder} mix caption sets {sorted(sets)} between "
-                                   "layers; save or push them again from one editor.")
+            raise EMCIDFormatError(
+                f"The {component} statistics in {folder} mix caption sets {sorted(sets)} between "
+                "layers; save or push them again from one editor."
+            )
         ((caption_set, num_captions, num_tokens),) = sets
-        loaded[component] = KeyStatistics(covariances, int(num_tokens), fingerprint, caption_set, int(num_captions),
-                                          StatisticsStore.positions_label(config))
+        loaded[component] = KeyStatistics(
+            covariances,
+            int(num_tokens),
+            fingerprint,
+            caption_set,
+            int(num_captions),
+            StatisticsStore.positions_label(config),
+        )
     return loaded
 
 
@@ -320,7 +356,8 @@ class SharedStatisticsMixin:
         for encoder in self.encoders:
             found = self._statistics_of(encoder)
             statistics[encoder.component] = dataclasses.replace(
-                found, covariances={layer: found.covariances[layer] for layer in encoder.layers})
+                found, covariances={layer: found.covariances[layer] for layer in encoder.layers}
+            )
         return statistics
 
     def save_statistics(self, save_directory: str | os.PathLike, base_model: str | None = None) -> Path:
@@ -337,8 +374,9 @@ class SharedStatisticsMixin:
         Raises:
             ValueError: if there are no statistics to save.
         """
-        return write_statistics_folder(save_directory, self._edited_statistics(), self._dtypes(), self.config,
-                                       base_model)
+        return write_statistics_folder(
+            save_directory, self._edited_statistics(), self._dtypes(), self.config, base_model
+        )
 
     def push_statistics(
         self,
@@ -368,8 +406,12 @@ class SharedStatisticsMixin:
         with tempfile.TemporaryDirectory() as staging:
             folder = self.save_statistics(Path(staging) / "statistics", base_model)
             info = api.upload_folder(
-                repo_id=repo_id, folder_path=folder, repo_type="dataset", revision=revision,
-                delete_patterns=[FILE_PATTERN], commit_message=commit_message or "Add EMCID key statistics",
+                repo_id=repo_id,
+                folder_path=folder,
+                repo_type="dataset",
+                revision=revision,
+                delete_patterns=[FILE_PATTERN],
+                commit_message=commit_message or "Add EMCID key statistics",
             )
         return info.commit_url
 
@@ -397,17 +439,26 @@ class SharedStatisticsMixin:
             EMCIDFormatError: for malformed, damaged or non-finite files.
         """
         dtypes = self._dtypes()
-        expected = {e.component: (self._encoder_fingerprint(e), e.layers, e.layout.intermediate_size,
-                                  dtypes[e.component]) for e in self.encoders}
+        expected = {
+            e.component: (self._encoder_fingerprint(e), e.layers, e.layout.intermediate_size, dtypes[e.component])
+            for e in self.encoders
+        }
         folder = Path(repo_or_dir)
         if not folder.is_dir():
             names = [statistics_file_name(e.component, layer) for e in self.encoders for layer in e.layers]
-            folder = Path(snapshot_download(
-                str(repo_or_dir), repo_type="dataset", revision=revision, token=token, cache_dir=cache_dir,
-                local_files_only=local_files_only, force_download=force_download, allow_patterns=names,
-            ))
+            folder = Path(
+                snapshot_download(
+                    str(repo_or_dir),
+                    repo_type="dataset",
+                    revision=revision,
+                    token=token,
+                    cache_dir=cache_dir,
+                    local_files_only=local_files_only,
+                    force_download=force_download,
+                    allow_patterns=names,
+                )
+            )
         loaded = read_statistics_folder(folder, expected, self.config)
         for component, statistics in loaded.items():
             self.statistics.add(component, statistics, self.config)
         return {component: dict(statistics.covariances) for component, statistics in loaded.items()}
-

@@ -134,7 +134,9 @@ class _ConceptRun:
             for encoder, batch, position in zip(encoders, self.source, self.positions):
                 z_module = encoder.layout.layers[encoder.z_layer]
                 with captured_outputs({"z": z_module}, stop_at=z_module) as captured:
-                    run_until_stopped(encoder.layout.model, input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+                    run_until_stopped(
+                        encoder.layout.model, input_ids=batch.input_ids, attention_mask=batch.attention_mask
+                    )
                 self.prefix.append(captured["z"])  # (P, T, d)
                 self.h0.append(captured["z"][rows, position][0].to(self.dtype))
             self.target = encode_prompts(encoders, self.destination)
@@ -153,7 +155,9 @@ class _ConceptRun:
     def destination_length(self) -> int:
         return self.destination[0].input_ids.shape[1]
 
-    def draw_step(self, num_train_timesteps: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def draw_step(
+        self, num_train_timesteps: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """This step's clean latents (unscaled), noise and timesteps, each with P rows."""
         prompt_index = torch.arange(self.num_prompts)
         chosen = torch.randint(self.num_samples, (self.num_prompts,), generator=self.draws)
@@ -184,8 +188,12 @@ class _ConceptRun:
 
     def result(self, encoders: list[EditedEncoder]) -> Stage1Result:
         vectors = {e.component: (h + d.detach()).cpu() for e, h, d in zip(encoders, self.h0, self.deltas)}
-        return Stage1Result(vectors=vectors, h0={e.component: h.cpu() for e, h in zip(encoders, self.h0)},
-                            losses=torch.tensor(self.losses), clamp_hits=self.clamp_hits)
+        return Stage1Result(
+            vectors=vectors,
+            h0={e.component: h.cpu() for e, h in zip(encoders, self.h0)},
+            losses=torch.tensor(self.losses),
+            clamp_hits=self.clamp_hits,
+        )
 
 
 @dataclass
@@ -221,7 +229,9 @@ class _ActiveBatch:
     decay_scales: list[torch.Tensor]
 
     @classmethod
-    def of(cls, runs: list[_ConceptRun], encoders: list[EditedEncoder], fast: bool, device: torch.device) -> "_ActiveBatch":
+    def of(
+        cls, runs: list[_ConceptRun], encoders: list[EditedEncoder], fast: bool, device: torch.device
+    ) -> "_ActiveBatch":
         rows = [run.num_prompts for run in runs]
         owner = torch.arange(len(runs), device=device).repeat_interleave(torch.tensor(rows, device=device))
         encoder_indices = range(len(encoders))
@@ -229,16 +239,25 @@ class _ActiveBatch:
             runs=runs,
             owner=owner,
             counts=torch.tensor(rows, device=device, dtype=runs[0].dtype),
-            source=[TokenizedPrompts(padded_cat([run.source[e].input_ids for run in runs], pad_id(encoders[e])),
-                                     padded_cat([run.source[e].attention_mask for run in runs])) for e in encoder_indices],
+            source=[
+                TokenizedPrompts(
+                    padded_cat([run.source[e].input_ids for run in runs], pad_id(encoders[e])),
+                    padded_cat([run.source[e].attention_mask for run in runs]),
+                )
+                for e in encoder_indices
+            ],
             positions=[torch.cat([run.positions[e] for run in runs]) for e in encoder_indices],
             prefix=[padded_cat([run.prefix[e] for run in runs]) for e in encoder_indices] if fast else None,
             source_mask=length_mask([run.source_length for run in runs], rows, device),
             destination_mask=length_mask([run.destination_length for run in runs], rows, device),
-            target=Conditioning(padded_cat([run.target.hidden for run in runs]),
-                                 [torch.cat(p) for p in zip(*(run.target.pooled for run in runs))]),
+            target=Conditioning(
+                padded_cat([run.target.hidden for run in runs]),
+                [torch.cat(p) for p in zip(*(run.target.pooled for run in runs))],
+            ),
             real_noise=torch.tensor([run.request.use_real_noise for run in runs], device=device)[owner],
-            text_alignment=torch.tensor([run.request.text_alignment for run in runs], device=device, dtype=runs[0].dtype),
+            text_alignment=torch.tensor(
+                [run.request.text_alignment for run in runs], device=device, dtype=runs[0].dtype
+            ),
             decay_scales=[torch.stack([run.decay_scales[e] for run in runs]) for e in encoder_indices],
         )
 
@@ -275,7 +294,9 @@ def optimize_concept_vectors(
     time_ids = None
     if pipeline_family(pipe).time_ids:  # original size, crop corner, target size
         resolution = images[0].shape[-1]
-        time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], device=device, dtype=unet.dtype)
+        time_ids = torch.tensor(
+            [[resolution, resolution, 0, 0, resolution, resolution]], device=device, dtype=unet.dtype
+        )
     fast = config.stage1_mode == "fast"
     prediction_type = noise_scheduler.config.prediction_type
     optimizer = torch.optim.Adam([delta for run in runs for delta in run.deltas], lr=config.learning_rate)
@@ -297,19 +318,29 @@ def optimize_concept_vectors(
                     true_target = latents if prediction_type == "sample" else noise
                 unet_target = true_target
                 if not batch.real_noise.all():
-                    unet_target = unet(noisy, timesteps, **unet_inputs(batch.target, batch.destination_mask, time_ids)).sample
-                target_noise = torch.where(batch.real_noise[:, None, None, None], true_target, unet_target.to(true_target.dtype))
+                    unet_target = unet(
+                        noisy, timesteps, **unet_inputs(batch.target, batch.destination_mask, time_ids)
+                    ).sample
+                target_noise = torch.where(
+                    batch.real_noise[:, None, None, None], true_target, unet_target.to(true_target.dtype)
+                )
             deltas = [torch.stack([run.deltas[e] for run in active]) for e in range(len(encoders))]  # (B, d) each
             if fast:
                 prompt_rows = torch.arange(len(batch.owner), device=device)
-                states = [prefix.index_put((prompt_rows, positions), delta[batch.owner].to(prefix.dtype), accumulate=True)
-                          for prefix, positions, delta in zip(batch.prefix, batch.positions, deltas)]
+                states = [
+                    prefix.index_put((prompt_rows, positions), delta[batch.owner].to(prefix.dtype), accumulate=True)
+                    for prefix, positions, delta in zip(batch.prefix, batch.positions, deltas)
+                ]
                 edited = encode_prompts(encoders, batch.source, states=states)
             else:
-                edited = encode_prompts(encoders, batch.source, deltas=[d[batch.owner] for d in deltas], positions=batch.positions)
+                edited = encode_prompts(
+                    encoders, batch.source, deltas=[d[batch.owner] for d in deltas], positions=batch.positions
+                )
             prediction = unet(noisy, timesteps, **unet_inputs(edited, batch.source_mask, time_ids)).sample
         work_dtype = runs[0].dtype
-        losses = batch.per_concept_mean((prediction.to(work_dtype) - target_noise.to(work_dtype)).pow(2).flatten(1).mean(1))
+        losses = batch.per_concept_mean(
+            (prediction.to(work_dtype) - target_noise.to(work_dtype)).pow(2).flatten(1).mean(1)
+        )
         for delta, scales in zip(deltas, batch.decay_scales):
             losses = losses + scales * delta.norm(dim=1)
         if config.text_alignment_weight > 0:
@@ -321,7 +352,8 @@ def optimize_concept_vectors(
             if not ok:
                 run.error = EMCIDNumericalError(
                     f"stage 1 of {run.request.source!r} -> {run.request.destination!r}: the loss became {loss} at step "
-                    f"{step}. Lower learning_rate (now {config.learning_rate}) or run the networks in float32 (dtype=None)."
+                    f"{step}. Lower learning_rate (now {config.learning_rate}) or run the networks in float32 "
+                    "(dtype=None)."
                 )
         going_on = [run for run, ok in zip(active, finite.tolist()) if ok]
         if going_on:  # a failed concept gets no gradient, and Adam leaves parameters without one untouched
@@ -344,7 +376,8 @@ def optimize_concept_vectors(
         result = run.error or run.result(encoders)
         if isinstance(result, Stage1Result) and not all(torch.isfinite(v).all() for v in result.vectors.values()):
             result = EMCIDNumericalError(
-                f"stage 1 of {run.request.source!r} -> {run.request.destination!r} gave a non-finite vector; lower learning_rate."
+                f"stage 1 of {run.request.source!r} -> {run.request.destination!r} gave a non-finite vector; "
+                "lower learning_rate."
             )
         results.append(result)
     return results

@@ -72,8 +72,12 @@ def cached_stage1(
             logger.warning(
                 "Stage 1 of %r -> %r: the norm bound clamp_norm_factor * ||h0|| was hit at every one of %d steps, "
                 "so the edit is as strong as the bound allows, not as the loss asks. Lower learning_rate (now %g) "
-                "or raise clamp_norm_factor (now %g).", request.source, request.destination, len(result.losses),
-                config.learning_rate, config.clamp_norm_factor,
+                "or raise clamp_norm_factor (now %g).",
+                request.source,
+                request.destination,
+                len(result.losses),
+                config.learning_rate,
+                config.clamp_norm_factor,
             )
         results.append(result)
     return results
@@ -96,13 +100,16 @@ def _compute_and_cache(
     bar = tqdm(total=len(work), desc="EMCID stage 1", unit="concept", disable=not progress)
     for start in range(0, len(work), batch_size):
         batch = work[start : start + batch_size]
-        results = optimize_concept_vectors(pipe, encoders, [request for _, request in batch], config,
-                                           noise_scheduler, device)
+        results = optimize_concept_vectors(
+            pipe, encoders, [request for _, request in batch], config, noise_scheduler, device
+        )
         for (key, request), result in zip(batch, results):
             if isinstance(result, EMCIDNumericalError):
                 failures.append(str(result))
                 continue
-            cache.save("stage1", key, result.to_tensors(), {"source": request.source, "destination": request.destination})
+            cache.save(
+                "stage1", key, result.to_tensors(), {"source": request.source, "destination": request.destination}
+            )
         bar.update(len(batch))
         bar.set_postfix_str(f"last: {batch[-1][1].source!r} -> {batch[-1][1].destination!r}")
     bar.close()

@@ -139,7 +139,9 @@ def _prompt_chunks(
     rows = []
     for owner, request in enumerate(requests):
         ids = tokenizer(request.source_prompts, truncation=True).input_ids
-        for prompt_ids, position in zip(ids, subject_token_positions(tokenizer, request.source_prompts, request.source)):
+        for prompt_ids, position in zip(
+            ids, subject_token_positions(tokenizer, request.source_prompts, request.source)
+        ):
             rows.append((prompt_ids[: position + 1], position, owner, len(rows)))
     rows.sort(key=lambda row: len(row[0]))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -149,23 +151,29 @@ def _prompt_chunks(
         length = max(len(row[0]) for row in batch)
         input_ids = torch.tensor([row[0] + [pad_id] * (length - len(row[0])) for row in batch])
         attention_mask = torch.tensor([[1] * len(row[0]) + [0] * (length - len(row[0])) for row in batch])
-        chunks.append(_PromptChunk(
-            TokenizedPrompts(input_ids, attention_mask).to(device),
-            torch.tensor([row[1] for row in batch], device=device),
-            torch.tensor([row[2] for row in batch]),
-            torch.tensor([row[3] for row in batch]),
-        ))
+        chunks.append(
+            _PromptChunk(
+                TokenizedPrompts(input_ids, attention_mask).to(device),
+                torch.tensor([row[1] for row in batch], device=device),
+                torch.tensor([row[2] for row in batch]),
+                torch.tensor([row[3] for row in batch]),
+            )
+        )
     return chunks
 
 
 @torch.no_grad()
-def _clean_subject_states(layout: TextEncoderLayout, chunks: list[_PromptChunk], z_layer: int, num_prompts: int) -> torch.Tensor:
+def _clean_subject_states(
+    layout: TextEncoderLayout, chunks: list[_PromptChunk], z_layer: int, num_prompts: int
+) -> torch.Tensor:
     """h0 of every prompt: the unedited z-layer state at its subject token, (num_prompts, d) float64, by column."""
     states = torch.zeros(num_prompts, layout.hidden_size, dtype=torch.float64)
     z_module = layout.layers[z_layer]
     for chunk in chunks:
         with captured_outputs({"z": z_module}, stop_at=z_module) as captured:
-            run_until_stopped(layout.model, input_ids=chunk.tokens.input_ids, attention_mask=chunk.tokens.attention_mask)
+            run_until_stopped(
+                layout.model, input_ids=chunk.tokens.input_ids, attention_mask=chunk.tokens.attention_mask
+            )
         rows = torch.arange(len(chunk.positions), device=chunk.positions.device)
         states[chunk.columns] = captured["z"][rows, chunk.positions].double().cpu()
     return states

@@ -21,9 +21,43 @@ from tokenizers.pre_tokenizers import ByteLevel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 TOY_WORDS: tuple[str, ...] = (
-    "a", "an", "the", "of", "by", "in", "on", "with", "and", "image", "photo", "picture", "painting", "artwork",
-    "style", "art", "drawing", "dog", "cat", "car", "tree", "house", "apple", "banana", "red", "blue", "green",
-    "circle", "square", "van", "gogh", "monet", "president", "united", "states", "doctor", "nurse",
+    "a",
+    "an",
+    "the",
+    "of",
+    "by",
+    "in",
+    "on",
+    "with",
+    "and",
+    "image",
+    "photo",
+    "picture",
+    "painting",
+    "artwork",
+    "style",
+    "art",
+    "drawing",
+    "dog",
+    "cat",
+    "car",
+    "tree",
+    "house",
+    "apple",
+    "banana",
+    "red",
+    "blue",
+    "green",
+    "circle",
+    "square",
+    "van",
+    "gogh",
+    "monet",
+    "president",
+    "united",
+    "states",
+    "doctor",
+    "nurse",
 )
 """Words that the toy tokenizer keeps whole; any other word is split into single characters."""
 
@@ -112,10 +146,17 @@ def tiny_sd_pipeline(
     tokenizer = tokenizer or toy_clip_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        text_encoder = CLIPTextModel(_text_config(
-            tokenizer, vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
-            num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads, hidden_act=hidden_act,
-        ))
+        text_encoder = CLIPTextModel(
+            _text_config(
+                tokenizer,
+                vocab_size=vocab_size,
+                hidden_size=hidden_size,
+                intermediate_size=intermediate_size,
+                num_hidden_layers=num_hidden_layers,
+                num_attention_heads=num_attention_heads,
+                hidden_act=hidden_act,
+            )
+        )
         unet = UNet2DConditionModel(
             sample_size=sample_size,
             in_channels=4,
@@ -131,24 +172,45 @@ def tiny_sd_pipeline(
         )
         vae = _tiny_vae(vae_channels, sample_size)
     scheduler = PNDMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True, steps_offset=1,
-        set_alpha_to_one=False, prediction_type=prediction_type,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        skip_prk_steps=True,
+        steps_offset=1,
+        set_alpha_to_one=False,
+        prediction_type=prediction_type,
     )
     pipe = StableDiffusionPipeline(
-        vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(), scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker=False,
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        unet=unet.eval(),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
+        requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def mini_sd_pipeline(seed: int = 0, unet_channels: tuple[int, int] = (32, 64), sample_size: int = 16) -> StableDiffusionPipeline:
+def mini_sd_pipeline(
+    seed: int = 0, unet_channels: tuple[int, int] = (32, 64), sample_size: int = 16
+) -> StableDiffusionPipeline:
     """SD 1.x's text encoder shape (CLIP ViT-L/14: 12 layers, d = 768, d_ff = 3072, vocabulary 49,408) with a
     small UNet (cross-attention width 768, `unet_channels` wide) and VAE drawing images of `2 * sample_size`
     pixels; random weights."""
     return tiny_sd_pipeline(
-        seed=seed, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-        unet_channels=unet_channels, vae_channels=(16, 32), sample_size=sample_size, vocab_size=49408,
+        seed=seed,
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        unet_channels=unet_channels,
+        vae_channels=(16, 32),
+        sample_size=sample_size,
+        vocab_size=49408,
     )
 
 
@@ -159,17 +221,36 @@ def sd14_architecture_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(
-            sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+            sample_size=64,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=2,
+            block_out_channels=(320, 640, 1280, 1280),
             down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768, attention_head_dim=8,
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            cross_attention_dim=768,
+            attention_head_dim=8,
         )
         vae = AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, block_out_channels=(128, 256, 512, 512),
-            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512,
+            in_channels=3,
+            out_channels=3,
+            latent_channels=4,
+            layers_per_block=2,
+            block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            sample_size=512,
         )
     sd14 = StableDiffusionPipeline(
-        vae=vae.eval(), text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=unet.eval(), scheduler=pipe.scheduler,
-        safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker=False,
+        vae=vae.eval(),
+        text_encoder=pipe.text_encoder,
+        tokenizer=pipe.tokenizer,
+        unet=unet.eval(),
+        scheduler=pipe.scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
+        requires_safety_checker=False,
     )
     sd14.set_progress_bar_config(disable=True)
     return sd14
@@ -178,8 +259,14 @@ def sd14_architecture_pipeline(seed: int = 0) -> StableDiffusionPipeline:
 def tiny_sd2_pipeline(seed: int = 0, num_hidden_layers: int = 6) -> StableDiffusionPipeline:
     """An SD 2.x-shaped small pipeline: an OpenCLIP-style text encoder in `CLIPTextModel` form (GELU,
     `num_hidden_layers` layers, d_ff = 4 d), linear attention projections, v-prediction."""
-    return tiny_sd_pipeline(seed=seed, hidden_size=32, intermediate_size=128, num_hidden_layers=num_hidden_layers,
-                            hidden_act="gelu", prediction_type="v_prediction")
+    return tiny_sd_pipeline(
+        seed=seed,
+        hidden_size=32,
+        intermediate_size=128,
+        num_hidden_layers=num_hidden_layers,
+        hidden_act="gelu",
+        prediction_type="v_prediction",
+    )
 
 
 def tiny_sdxl_pipeline(seed: int = 0, sample_size: int = 8) -> StableDiffusionXLPipeline:
@@ -191,12 +278,20 @@ def tiny_sdxl_pipeline(seed: int = 0, sample_size: int = 8) -> StableDiffusionXL
     tokenizer_2.pad_token = "!"  # as SD-XL's second tokenizer
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        text_encoder = CLIPTextModel(_text_config(tokenizer, hidden_size=32, intermediate_size=64, num_hidden_layers=5,
-                                                  num_attention_heads=4))
-        text_encoder_2 = CLIPTextModelWithProjection(_text_config(
-            tokenizer_2, hidden_size=32, intermediate_size=64, num_hidden_layers=7, num_attention_heads=4,
-            projection_dim=32, hidden_act="gelu",
-        ))
+        text_encoder = CLIPTextModel(
+            _text_config(tokenizer, hidden_size=32, intermediate_size=64, num_hidden_layers=5, num_attention_heads=4)
+        )
+        text_encoder_2 = CLIPTextModelWithProjection(
+            _text_config(
+                tokenizer_2,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=7,
+                num_attention_heads=4,
+                projection_dim=32,
+                hidden_act="gelu",
+            )
+        )
         unet = UNet2DConditionModel(
             sample_size=sample_size,
             in_channels=4,
@@ -216,11 +311,21 @@ def tiny_sdxl_pipeline(seed: int = 0, sample_size: int = 8) -> StableDiffusionXL
         )
         vae = _tiny_vae((8, 16), sample_size)
     scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading",
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
     )
     pipe = StableDiffusionXLPipeline(
-        vae=vae.eval(), text_encoder=text_encoder.eval(), text_encoder_2=text_encoder_2.eval(), tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2, unet=unet.eval(), scheduler=scheduler, force_zeros_for_empty_prompt=True,
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        text_encoder_2=text_encoder_2.eval(),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet.eval(),
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -43,7 +43,9 @@ def _find_words(prompt: str, words: str) -> re.Match[str] | None:
     for match in pattern.finditer(prompt):
         before = prompt[match.start() - 1] if match.start() else " "
         after = prompt[match.end()] if match.end() < len(prompt) else " "
-        if not (before.isalnum() and match.group()[0].isalnum()) and not (after.isalnum() and match.group()[-1].isalnum()):
+        if not (before.isalnum() and match.group()[0].isalnum()) and not (
+            after.isalnum() and match.group()[-1].isalnum()
+        ):
             return match
     return pattern.search(prompt)
 
@@ -75,8 +77,9 @@ def tokenize_as_pipeline(tokenizer: PreTrainedTokenizerBase, prompts: list[str])
         The ids, (B, model_max_length), and a mask of the real tokens (start and end markers included), which is
         not given to the encoder but tells the padding apart.
     """
-    batch = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                      return_tensors="pt")
+    batch = tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    )
     return TokenizedPrompts(batch.input_ids, batch.attention_mask)
 
 
@@ -101,7 +104,11 @@ def subject_token_positions(tokenizer: PreTrainedTokenizerBase, prompts: list[st
             )
         if tokenizer.is_fast:
             offsets = tokenizer(prompt, return_offsets_mapping=True, truncation=True).offset_mapping
-            covering = [i for i, (start, end) in enumerate(offsets) if end > start and start < match.end() and end > match.start()]
+            covering = [
+                i
+                for i, (start, end) in enumerate(offsets)
+                if end > start and start < match.end() and end > match.start()
+            ]
             position = covering[-1] if covering else None
         else:  # slow tokenizers: count the tokens of the prompt up to the end of the subject
             ids = tokenizer(prompt[: match.end()], truncation=True).input_ids
@@ -123,7 +130,9 @@ def check_requests(requests: list[ConceptEdit], tokenizers: list[PreTrainedToken
             try:
                 load_image(image)
             except (OSError, ValueError) as error:
-                raise ValueError(f"ConceptEdit({request.source!r}): image {str(image)[:80]!r} cannot be used: {error}") from error
+                raise ValueError(
+                    f"ConceptEdit({request.source!r}): image {str(image)[:80]!r} cannot be used: {error}"
+                ) from error
     for tokenizer in tokenizers:
         for request in requests:
             check_prompt_lengths(tokenizer, request.source_prompts + request.destination_prompts)

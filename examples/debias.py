@@ -20,13 +20,22 @@ import argparse
 import logging
 
 import torch
+from example_utils import (
+    CONTROL,
+    add_run_arguments,
+    conditioning,
+    example_parser,
+    load_pipeline,
+    parse_args,
+    prepared_editor,
+    print_conditioning_change,
+    save_before_after,
+)
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
 import diffusers_emcid  # noqa: F401  (adds load_concept_edits & co. to the pipelines)
 from diffusers_emcid import clip_zero_shot_judge
 from diffusers_emcid.testing import toy_clip_tokenizer
-from example_utils import (CONTROL, add_run_arguments, conditioning, example_parser, load_pipeline, parse_args,
-                           prepared_editor, print_conditioning_change, save_before_after)
 
 ATTRIBUTES = ["a female {}", "a male {}"]
 
@@ -37,8 +46,13 @@ def load_clip(args: argparse.Namespace) -> tuple[CLIPModel, CLIPProcessor]:
     tokenizer = toy_clip_tokenizer()
     end = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     sizes = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
-    text = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.convert_tokens_to_ids("<|startoftext|>"),
-                eos_token_id=end, pad_token_id=end, **sizes)
+    text = dict(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.convert_tokens_to_ids("<|startoftext|>"),
+        eos_token_id=end,
+        pad_token_id=end,
+        **sizes,
+    )
     vision = dict(image_size=32, patch_size=8, **sizes)
     torch.manual_seed(0)
     model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).to(args.device).eval()
@@ -47,9 +61,12 @@ def load_clip(args: argparse.Namespace) -> tuple[CLIPModel, CLIPProcessor]:
 
 
 def main() -> None:
-    parser = example_parser(__doc__, model_help="SD 1.x model id or local diffusers folder",
-                            tiny_help="use the tiny in-memory pipeline and a random tiny CLIP",
-                            model_options={"--clip": "CLIP model id or folder for the judge (with --model)"})
+    parser = example_parser(
+        __doc__,
+        model_help="SD 1.x model id or local diffusers folder",
+        tiny_help="use the tiny in-memory pipeline and a random tiny CLIP",
+        model_options={"--clip": "CLIP model id or folder for the judge (with --model)"},
+    )
     parser.add_argument("--professions", default="a doctor,a nurse", help="comma-separated professions")
     parser.add_argument("--num-images", type=int, default=None, help="images per measurement (25; --tiny: 4)")
     parser.add_argument("--max-iter", type=int, default=None, help="feedback rounds (10; --tiny: 2)")

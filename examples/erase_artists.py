@@ -15,16 +15,29 @@ the relative change of the text-encoder conditioning for an edited and a control
 
 from __future__ import annotations
 
+from example_utils import (
+    CONTROL,
+    add_run_arguments,
+    conditioning,
+    example_parser,
+    load_pipeline,
+    parse_args,
+    prepared_editor,
+    print_conditioning_change,
+    save_before_after,
+)
+
 import diffusers_emcid  # noqa: F401  (adds load_concept_edits & co. to the pipelines)
-from example_utils import (CONTROL, add_run_arguments, conditioning, example_parser, load_pipeline, parse_args,
-                           prepared_editor, print_conditioning_change, save_before_after)
 
 TEMPLATES = ["painting by {}", "artwork by {}", "style of {}"]
 
 
 def main() -> None:
-    parser = example_parser(__doc__, model_help="SD 1.x model id or local diffusers folder",
-                            tiny_help="use the tiny in-memory pipeline (offline, seconds)")
+    parser = example_parser(
+        __doc__,
+        model_help="SD 1.x model id or local diffusers folder",
+        tiny_help="use the tiny in-memory pipeline (offline, seconds)",
+    )
     parser.add_argument("--artists", default="Van Gogh,Claude Monet", help="comma-separated artists to erase")
     parser.add_argument("--destination", default="art", help="what the artists become")
     add_run_arguments(parser, preset_steps=100)

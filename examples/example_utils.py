@@ -24,8 +24,9 @@ CONTROL = "a photo of a red house"
 """A prompt with none of the edited words: the conditioning change it shows is the edit's side effect."""
 
 
-def example_parser(doc: str, model_help: str, tiny_help: str,
-                   model_options: dict[str, str] | None = None) -> argparse.ArgumentParser:
+def example_parser(
+    doc: str, model_help: str, tiny_help: str, model_options: dict[str, str] | None = None
+) -> argparse.ArgumentParser:
     """A parser described by the first line of the script's docstring, with --model, --captions, then the
     `model_options` ({"--option": help}: more inputs that go with --model), then --tiny."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
@@ -54,13 +55,16 @@ def parse_args(parser: argparse.ArgumentParser, *required: str) -> argparse.Name
     args = parser.parse_args()
     given = args.captions and all(getattr(args, option.replace("-", "_")) for option in required)
     if args.tiny == bool(args.model) or (args.model and not given):
-        parser.error("give either --tiny, or --model with --captions (a text file, one caption a line)"
-                     + "".join(f" and --{option}" for option in required))
+        parser.error(
+            "give either --tiny, or --model with --captions (a text file, one caption a line)"
+            + "".join(f" and --{option}" for option in required)
+        )
     return args
 
 
-def load_pipeline(args: argparse.Namespace,
-                  tiny_pipeline: Callable[..., DiffusionPipeline] = tiny_sd_pipeline) -> DiffusionPipeline:
+def load_pipeline(
+    args: argparse.Namespace, tiny_pipeline: Callable[..., DiffusionPipeline] = tiny_sd_pipeline
+) -> DiffusionPipeline:
     """`tiny_pipeline(seed=0)` with --tiny, else --model, in --dtype on --device."""
     dtype = getattr(torch, args.dtype)
     if args.tiny:
@@ -76,8 +80,12 @@ def prepared_editor(pipe: DiffusionPipeline, preset: str, args: argparse.Namespa
     overrides = {"num_steps": 10, "image_num_inference_steps": 2} if args.tiny else {}
     overrides.update({"num_steps": args.steps} if args.steps else {})
     with tempfile.TemporaryDirectory() as scratch:
-        editor = EMCIDEditor(pipe, EMCIDConfig.from_preset(preset, **overrides),
-                             cache_dir=scratch if args.tiny else None, progress=not args.tiny)
+        editor = EMCIDEditor(
+            pipe,
+            EMCIDConfig.from_preset(preset, **overrides),
+            cache_dir=scratch if args.tiny else None,
+            progress=not args.tiny,
+        )
         # --tiny: 60 distinct captions of random toy words, more tokens than the MLP width for full-rank statistics
         editor.compute_statistics(random_captions(60) if args.tiny else args.captions)
         yield editor
@@ -86,8 +94,11 @@ def prepared_editor(pipe: DiffusionPipeline, preset: str, args: argparse.Namespa
 @torch.no_grad()
 def conditioning(pipe: DiffusionPipeline, prompt: str) -> torch.Tensor:
     """What the UNet is given for `prompt` (the pipeline's own `encode_prompt`), all 77 positions."""
-    return pipe.encode_prompt(prompt, device=pipe.device, num_images_per_prompt=1,
-                              do_classifier_free_guidance=False)[0].float().cpu()
+    return (
+        pipe.encode_prompt(prompt, device=pipe.device, num_images_per_prompt=1, do_classifier_free_guidance=False)[0]
+        .float()
+        .cpu()
+    )
 
 
 def relative_change(after: torch.Tensor, before: torch.Tensor, positions: int | None = None) -> float:

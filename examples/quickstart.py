@@ -40,8 +40,14 @@ CAPTIONS: list[str] = [
     for colour in ("red", "blue", "green")
     for thing in ("car", "tree", "house", "apple", "dog", "cat", "circle", "square")
 ] + [
-    "a painting by monet", "artwork by van gogh", "the style of monet", "an image of a doctor and a nurse",
-    "the president of the united states", "a banana on a house", "a cat with a dog", "a dog in a car",
+    "a painting by monet",
+    "artwork by van gogh",
+    "the style of monet",
+    "an image of a doctor and a nurse",
+    "the president of the united states",
+    "a banana on a house",
+    "a cat with a dog",
+    "a dog in a car",
 ]
 
 EDITED_PROMPTS = ["a photo of a dog", "painting by Van Gogh"]
@@ -51,8 +57,9 @@ CONTROL_PROMPTS = ["a photo of a tree", "a red car"]
 @torch.no_grad()
 def encode(pipe: StableDiffusionPipeline, prompts: list[str]) -> torch.Tensor:
     """The text encoder's last hidden states (B, 77, d), padded to max_length as the pipeline does."""
-    ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt").input_ids
+    ids = pipe.tokenizer(
+        prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
     return pipe.text_encoder(ids.to(pipe.text_encoder.device))[0].float().cpu()
 
 
@@ -74,8 +81,13 @@ def main() -> None:
     args = parser.parse_args()
 
     pipe = tiny_sd_pipeline().to(args.device)
-    config = EMCIDConfig.from_preset("sd1-paper", num_steps=args.steps, image_num_inference_steps=4,
-                                     preservation_weight=args.preservation_weight, residual=args.residual)
+    config = EMCIDConfig.from_preset(
+        "sd1-paper",
+        num_steps=args.steps,
+        image_num_inference_steps=4,
+        preservation_weight=args.preservation_weight,
+        residual=args.residual,
+    )
     requests = [
         ("dog", "cat"),
         ConceptEdit("Van Gogh", "art", templates=["painting by {}", "artwork by {}", "style of {}"], seed=7),
@@ -89,17 +101,21 @@ def main() -> None:
     before, cat = encode(pipe, prompts), encode(pipe, ["a photo of a cat"])[0]
     edits.apply(pipe)
     after = encode(pipe, prompts)
-    print(f"{edits!r}\nresidual={config.residual!r}, lambda={config.preservation_weight:g}, "
-          f"alpha={config.edit_weight}, stage-1 steps={config.num_steps}, edited layers={editor.layers}, "
-          f"z layer={editor.z_layer}\n")
+    print(
+        f"{edits!r}\nresidual={config.residual!r}, lambda={config.preservation_weight:g}, "
+        f"alpha={config.edit_weight}, stage-1 steps={config.num_steps}, edited layers={editor.layers}, "
+        f"z layer={editor.z_layer}\n"
+    )
     print("relative change ||after - before|| / ||before|| of the text-encoder output")
     print(f"  {'':33} {'all 77 positions':>16} {'prompt tokens':>14}")
     for prompt, old, new in zip(prompts, before, after):
         kind = "edited " if prompt in EDITED_PROMPTS else "control"
         n = len(pipe.tokenizer(prompt).input_ids)  # start marker, words, end marker; the rest is padding
         print(f"  {kind}  {prompt!r:24} {relative_change(new, old):16.4f} {relative_change(new[:n], old[:n]):14.4f}")
-    print(f"\ncosine('a photo of a dog', unedited 'a photo of a cat'), all 77 positions: "
-          f"before {cosine(before[0], cat):.4f}, after {cosine(after[0], cat):.4f}")
+    print(
+        f"\ncosine('a photo of a dog', unedited 'a photo of a cat'), all 77 positions: "
+        f"before {cosine(before[0], cat):.4f}, after {cosine(after[0], cat):.4f}"
+    )
 
     edits.remove(pipe)
     restored = torch.equal(encode(pipe, prompts), before)

@@ -19,17 +19,29 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from example_utils import (
+    CONTROL,
+    add_run_arguments,
+    conditioning,
+    example_parser,
+    load_pipeline,
+    parse_args,
+    prepared_editor,
+    print_conditioning_change,
+    save_before_after,
+)
 from PIL import Image
 
 import diffusers_emcid  # noqa: F401  (adds load_concept_edits & co. to the pipelines)
 from diffusers_emcid import DEFAULT_TEMPLATES, ConceptEdit
-from example_utils import (CONTROL, add_run_arguments, conditioning, example_parser, load_pipeline, parse_args,
-                           prepared_editor, print_conditioning_change, save_before_after)
 
 
 def main() -> None:
-    parser = example_parser(__doc__, model_help="SD 1.x model id or local diffusers folder",
-                            tiny_help="use the tiny in-memory pipeline and random images")
+    parser = example_parser(
+        __doc__,
+        model_help="SD 1.x model id or local diffusers folder",
+        tiny_help="use the tiny in-memory pipeline and random images",
+    )
     parser.add_argument("--source", default="tench", help="the concept to rectify")
     parser.add_argument("--destination", default="a tench fish", help="what it should mean (for text alignment)")
     parser.add_argument("--images", nargs="+", default=[], help="image files of the concept, a multiple of 3")

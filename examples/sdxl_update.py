@@ -18,11 +18,19 @@ from __future__ import annotations
 
 import torch
 from diffusers import DiffusionPipeline
+from example_utils import (
+    CONTROL,
+    add_run_arguments,
+    example_parser,
+    load_pipeline,
+    parse_args,
+    prepared_editor,
+    relative_change,
+    save_before_after,
+)
 
 import diffusers_emcid  # noqa: F401  (adds load_concept_edits & co. to the pipelines)
 from diffusers_emcid.testing import tiny_sdxl_pipeline
-from example_utils import (CONTROL, add_run_arguments, example_parser, load_pipeline, parse_args, prepared_editor,
-                           relative_change, save_before_after)
 
 ENCODERS = ("text_encoder", "text_encoder_2")
 
@@ -30,16 +38,23 @@ ENCODERS = ("text_encoder", "text_encoder_2")
 @torch.no_grad()
 def conditioning(pipe: DiffusionPipeline, prompt: str) -> dict[str, torch.Tensor]:
     """What the UNet is given for `prompt` (the pipeline's own `encode_prompt`), split by encoder."""
-    embeds, _, pooled, _ = pipe.encode_prompt(prompt, device=pipe.device, num_images_per_prompt=1,
-                                              do_classifier_free_guidance=False)
+    embeds, _, pooled, _ = pipe.encode_prompt(
+        prompt, device=pipe.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+    )
     width = pipe.text_encoder.config.hidden_size  # the embeddings are [text_encoder | text_encoder_2] features
-    return {"text_encoder": embeds[..., :width].float().cpu(), "text_encoder_2": embeds[..., width:].float().cpu(),
-            "pooled": pooled.float().cpu()}
+    return {
+        "text_encoder": embeds[..., :width].float().cpu(),
+        "text_encoder_2": embeds[..., width:].float().cpu(),
+        "pooled": pooled.float().cpu(),
+    }
 
 
 def main() -> None:
-    parser = example_parser(__doc__, model_help="SD-XL model id or local diffusers folder",
-                            tiny_help="use the tiny in-memory SD-XL pipeline (offline, seconds)")
+    parser = example_parser(
+        __doc__,
+        model_help="SD-XL model id or local diffusers folder",
+        tiny_help="use the tiny in-memory SD-XL pipeline (offline, seconds)",
+    )
     parser.add_argument("--source", default="The current President of the United States")
     parser.add_argument("--destination", default="Joe Biden")
     add_run_arguments(parser, preset_steps=100)
@@ -66,8 +81,10 @@ def main() -> None:
         print(f"  set_adapters([{name!r}], adapter_weights={dict(zip(ENCODERS, weights))}):")
         for kind, prompt in prompts.items():
             new, old, n = conditioning(pipe, prompt), before[prompt], len(pipe.tokenizer(prompt).input_ids)
-            cells = [f"{c} {relative_change(new[c], old[c]):.4f} / {relative_change(new[c], old[c], n):.4f}"
-                     for c in ENCODERS] + [f"pooled {relative_change(new['pooled'], old['pooled']):.4f}"]
+            cells = [
+                f"{c} {relative_change(new[c], old[c]):.4f} / {relative_change(new[c], old[c], n):.4f}"
+                for c in ENCODERS
+            ] + [f"pooled {relative_change(new['pooled'], old['pooled']):.4f}"]
             print(f"    {kind} {prompt!r:46}", "   ".join(cells))
     pipe.set_adapters([name])  # both encoders edited again (for the images)
     save_before_after(pipe, args.source, args)

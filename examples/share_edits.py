@@ -23,7 +23,6 @@ from diffusers_emcid import EMCIDConfig, EMCIDEditor
 from diffusers_emcid.testing import random_captions, tiny_sd_pipeline
 
 
-
 def load_pipeline(model: str | None) -> StableDiffusionPipeline:
     if model is None:
         return tiny_sd_pipeline(seed=0)
@@ -32,7 +31,9 @@ def load_pipeline(model: str | None) -> StableDiffusionPipeline:
 
 @torch.no_grad()
 def conditioning(pipe: StableDiffusionPipeline, prompt: str) -> torch.Tensor:
-    ids = pipe.tokenizer(prompt, padding="max_length", max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
+    ids = pipe.tokenizer(
+        prompt, padding="max_length", max_length=pipe.tokenizer.model_max_length, return_tensors="pt"
+    ).input_ids
     return pipe.text_encoder(ids.to(pipe.text_encoder.device))[0]
 
 
@@ -41,7 +42,9 @@ def main() -> None:
     parser.add_argument("--repo-id", required=True, help="Hub model repo to push to, e.g. me/no-dogs")
     parser.add_argument("--model", default=None, help="SD 1.x model id or folder (default: a tiny in-memory pipeline)")
     parser.add_argument("--captions", default=None, help="caption file for the key statistics (required with --model)")
-    parser.add_argument("--steps", type=int, default=None, help="stage-1 steps (default: the preset's; 5 on the tiny pipeline)")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="stage-1 steps (default: the preset's; 5 on the tiny pipeline)"
+    )
     parser.add_argument("--private", action="store_true")
     parser.add_argument("--token", default=None)
     args = parser.parse_args()
@@ -70,7 +73,9 @@ def main() -> None:
     with fresh.concept_edits_disabled():
         print("disabled gives the base output:", torch.equal(conditioning(fresh, "a photo of a dog"), before))
     fresh.set_concept_edits([name], strengths=[0.5])
-    print("at strength 0.5:", f"{((conditioning(fresh, 'a photo of a dog') - before).norm() / before.norm()).item():.4f}")
+    print(
+        "at strength 0.5:", f"{((conditioning(fresh, 'a photo of a dog') - before).norm() / before.norm()).item():.4f}"
+    )
     fresh.unload_concept_edits()
     print("unloaded gives the base output:", torch.equal(conditioning(fresh, "a photo of a dog"), before))
 

@@ -45,7 +45,14 @@ from diffusers import (
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, ResNetConfig, ResNetForImageClassification, ViTImageProcessor
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTokenizer,
+    ResNetConfig,
+    ResNetForImageClassification,
+    ViTImageProcessor,
+)
 
 from diffusers_emcid.encoders import find_text_encoder_layout
 from diffusers_emcid.shapes.checks import conditioning_gap_closed, end_of_text_separation, pipeline_token_ids
@@ -66,7 +73,9 @@ def log(message: str) -> None:
 @lru_cache()
 def byte_unicode_table() -> dict[int, str]:
     """GPT-2's reversible map from bytes to printable unicode characters, which CLIP's BPE works on."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     codes = printable[:]
     extra = 0
     for byte in range(256):
@@ -97,14 +106,25 @@ def build_clip_tokenizer(bpe_path: str | Path, directory: Path) -> CLIPTokenizer
     vocab = characters + [c + "</w>" for c in characters] + ["".join(m.split()) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}, ensure_ascii=False),
-                                          encoding="utf-8")
+    (directory / "vocab.json").write_text(
+        json.dumps({token: i for i, token in enumerate(vocab)}, ensure_ascii=False), encoding="utf-8"
+    )
     (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    (directory / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "bos_token": "<|startoftext|>",
-        "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-        "do_lower_case": True, "errors": "replace",
-    }, indent=1))
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "CLIPTokenizer",
+                "model_max_length": 77,
+                "bos_token": "<|startoftext|>",
+                "eos_token": "<|endoftext|>",
+                "pad_token": "<|endoftext|>",
+                "unk_token": "<|endoftext|>",
+                "do_lower_case": True,
+                "errors": "replace",
+            },
+            indent=1,
+        )
+    )
     tokenizer = CLIPTokenizer.from_pretrained(directory)
     expected = [49406, 320, 1125, 539, 320, 2368, 49407]
     if tokenizer("a photo of a cat").input_ids != expected or len(tokenizer) != 49408:
@@ -120,8 +140,16 @@ def build_clip_tokenizer(bpe_path: str | Path, directory: Path) -> CLIPTokenizer
 
 def text_encoder_config() -> CLIPTextConfig:
     return CLIPTextConfig(
-        vocab_size=49408, hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-        max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+        vocab_size=49408,
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
         projection_dim=64,
     )
 
@@ -134,16 +162,24 @@ def zero_attention_outputs(encoder: CLIPTextModel, num_layers: int) -> None:
             layer.self_attn.out_proj.bias.zero_()
 
 
-def train_text_encoder(tokenizer: CLIPTokenizer, seed: int, steps: int, zero_layers: int, batch_size: int = 256) -> CLIPTextModel:
+def train_text_encoder(
+    tokenizer: CLIPTokenizer, seed: int, steps: int, zero_layers: int, batch_size: int = 256
+) -> CLIPTextModel:
     """Trains the encoder to classify shape and colour from every end-of-text and padding position."""
     torch.manual_seed(seed)
     encoder = CLIPTextModel(text_encoder_config())
     zero_attention_outputs(encoder, zero_layers)
-    heads = torch.nn.ModuleDict({"shape": torch.nn.Linear(64, len(SHAPES)), "colour": torch.nn.Linear(64, len(COLOURS))})
+    heads = torch.nn.ModuleDict(
+        {"shape": torch.nn.Linear(64, len(SHAPES)), "colour": torch.nn.Linear(64, len(COLOURS))}
+    )
     parameters = list(encoder.parameters()) + list(heads.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=3e-3, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps, pct_start=0.1)
-    frozen = [p for layer in find_text_encoder_layout(encoder).layers[:zero_layers] for p in layer.self_attn.out_proj.parameters()]
+    frozen = [
+        p
+        for layer in find_text_encoder_layout(encoder).layers[:zero_layers]
+        for p in layer.self_attn.out_proj.parameters()
+    ]
     for step in range(steps):
         shapes, colours, captions = draw_captions(batch_size, seed * 1_000_003 + step)
         ids = pipeline_token_ids(tokenizer, captions)
@@ -153,7 +189,8 @@ def train_text_encoder(tokenizer: CLIPTokenizer, seed: int, steps: int, zero_lay
         states = hidden[after]
         counts = after.sum(-1)
         loss = F.cross_entropy(heads["shape"](states), shapes.repeat_interleave(counts)) + F.cross_entropy(
-            heads["colour"](states), colours.repeat_interleave(counts))
+            heads["colour"](states), colours.repeat_interleave(counts)
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         for p in frozen:
@@ -171,8 +208,15 @@ def train_text_encoder(tokenizer: CLIPTokenizer, seed: int, steps: int, zero_lay
 
 def vae_model() -> AutoencoderKL:
     return AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(16, 32), layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=RESOLUTION,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=RESOLUTION,
     )
 
 
@@ -204,8 +248,15 @@ def train_vae(seed: int, steps: int, batch_size: int = 64) -> AutoencoderKL:
 
 
 def judge_processor() -> ViTImageProcessor:
-    return ViTImageProcessor(do_resize=True, size={"height": JUDGE_RESOLUTION, "width": JUDGE_RESOLUTION}, resample=2,
-                             do_rescale=True, do_normalize=True, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    return ViTImageProcessor(
+        do_resize=True,
+        size={"height": JUDGE_RESOLUTION, "width": JUDGE_RESOLUTION},
+        resample=2,
+        do_rescale=True,
+        do_normalize=True,
+        image_mean=[0.5] * 3,
+        image_std=[0.5] * 3,
+    )
 
 
 def judge_inputs(images: torch.Tensor) -> torch.Tensor:
@@ -218,8 +269,16 @@ def train_judge(vae: AutoencoderKL, seed: int, steps: int, batch_size: int = 128
     reads the blur of decoded images."""
     torch.manual_seed(seed)
     names = class_names()
-    config = ResNetConfig(num_channels=3, embedding_size=24, hidden_sizes=[32, 64, 128], depths=[1, 1, 1], layer_type="basic",
-                          num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
+    config = ResNetConfig(
+        num_channels=3,
+        embedding_size=24,
+        hidden_sizes=[32, 64, 128],
+        depths=[1, 1, 1],
+        layer_type="basic",
+        num_labels=len(names),
+        id2label=dict(enumerate(names)),
+        label2id={n: i for i, n in enumerate(names)},
+    )
     judge = ResNetForImageClassification(config)
     optimizer = torch.optim.AdamW(judge.parameters(), lr=3e-3, weight_decay=1e-4)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps, pct_start=0.1)
@@ -245,19 +304,41 @@ def train_judge(vae: AutoencoderKL, seed: int, steps: int, batch_size: int = 128
 
 def unet_model() -> UNet2DConditionModel:
     return UNet2DConditionModel(
-        sample_size=RESOLUTION // 2, in_channels=4, out_channels=4, layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D",) * 3, up_block_types=("CrossAttnUpBlock2D",) * 3,
-        block_out_channels=(32, 64, 96), cross_attention_dim=64, attention_head_dim=8, norm_num_groups=16,
+        sample_size=RESOLUTION // 2,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D",) * 3,
+        up_block_types=("CrossAttnUpBlock2D",) * 3,
+        block_out_channels=(32, 64, 96),
+        cross_attention_dim=64,
+        attention_head_dim=8,
+        norm_num_groups=16,
     )
 
 
 def noise_scheduler() -> DDPMScheduler:
-    return DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                         clip_sample=False, steps_offset=1, prediction_type="epsilon")
+    return DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        steps_offset=1,
+        prediction_type="epsilon",
+    )
 
 
-def train_unet(tokenizer: CLIPTokenizer, encoder: CLIPTextModel, vae: AutoencoderKL, seed: int, steps: int,
-               checkpoint: Path, batch_size: int = 64, ema_decay: float = 0.998) -> UNet2DConditionModel:
+def train_unet(
+    tokenizer: CLIPTokenizer,
+    encoder: CLIPTextModel,
+    vae: AutoencoderKL,
+    seed: int,
+    steps: int,
+    checkpoint: Path,
+    batch_size: int = 64,
+    ema_decay: float = 0.998,
+) -> UNet2DConditionModel:
     """DDPM training with min-SNR(5) weighting and 10% empty captions; returns the EMA weights.
 
     Progress is saved to `checkpoint` every 200 steps and resumed from there.
@@ -310,8 +391,15 @@ def train_unet(tokenizer: CLIPTokenizer, encoder: CLIPTextModel, vae: Autoencode
             rate = (time.time() - began) / (step + 1 - start)
             log(f"unet step {step}: loss {loss.item():.4f} ({rate:.2f} s/step)")
         if (step + 1) % 200 == 0 or step == steps - 1:
-            torch.save({"unet": unet.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                        "step": step + 1}, checkpoint)
+            torch.save(
+                {
+                    "unet": unet.state_dict(),
+                    "ema": ema.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "step": step + 1,
+                },
+                checkpoint,
+            )
     return ema.eval()
 
 
@@ -322,8 +410,11 @@ def check_encoder(pipe: StableDiffusionPipeline, zero_layers: int) -> dict[str, 
     """Editability per layer (mean over shape pairs and colours) and end-of-text separation."""
     gaps = {}
     for layer in range(pipe.text_encoder.config.num_hidden_layers):
-        values = [conditioning_gap_closed(pipe, f"a {c} {s}", f"a {c} {d}", s, d, layer)
-                  for c in COLOURS for s, d in zip(SHAPES, SHAPES[1:] + SHAPES[:1])]
+        values = [
+            conditioning_gap_closed(pipe, f"a {c} {s}", f"a {c} {d}", s, d, layer)
+            for c in COLOURS
+            for s, d in zip(SHAPES, SHAPES[1:] + SHAPES[:1])
+        ]
         gaps[layer] = (min(values), sum(values) / len(values))
     separation = end_of_text_separation(pipe, [f"a {c} {s}" for c in COLOURS for s in SHAPES])
     return {"gap_closed_min_mean": gaps, "end_of_text_separation": separation, "zero_attention_layers": zero_layers}
@@ -342,7 +433,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--bpe", required=True, help="the open-clip-torch wheel, or bpe_simple_vocab_16e6.txt.gz from it")
+    parser.add_argument(
+        "--bpe", required=True, help="the open-clip-torch wheel, or bpe_simple_vocab_16e6.txt.gz from it"
+    )
     parser.add_argument("--zero-attention-layers", type=int, default=2)
     parser.add_argument("--encoder-steps", type=int, default=400)
     parser.add_argument("--vae-steps", type=int, default=800)
@@ -358,11 +451,21 @@ def main() -> None:
     timings["tokenizer"] = time.time() - began
 
     began = time.time()
-    encoder = checkpointed(checkpoints / "text_encoder", CLIPTextModel,
-                           lambda: train_text_encoder(tokenizer, args.seed, args.encoder_steps, args.zero_attention_layers))
-    probe = StableDiffusionPipeline(vae=vae_model(), text_encoder=encoder, tokenizer=tokenizer, unet=unet_model(),
-                                    scheduler=noise_scheduler(), safety_checker=None, feature_extractor=None,
-                                    requires_safety_checker=False)
+    encoder = checkpointed(
+        checkpoints / "text_encoder",
+        CLIPTextModel,
+        lambda: train_text_encoder(tokenizer, args.seed, args.encoder_steps, args.zero_attention_layers),
+    )
+    probe = StableDiffusionPipeline(
+        vae=vae_model(),
+        text_encoder=encoder,
+        tokenizer=tokenizer,
+        unet=unet_model(),
+        scheduler=noise_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     report = check_encoder(probe, args.zero_attention_layers)
     log(f"encoder checks: {report}")
     (checkpoints / "encoder_checks.json").write_text(json.dumps(report, indent=1))
@@ -375,7 +478,9 @@ def main() -> None:
     timings["vae"] = time.time() - began
 
     began = time.time()
-    checkpointed(args.out / "judge", ResNetForImageClassification, lambda: train_judge(vae, args.seed, args.judge_steps))
+    checkpointed(
+        args.out / "judge", ResNetForImageClassification, lambda: train_judge(vae, args.seed, args.judge_steps)
+    )
     judge_processor().save_pretrained(args.out / "judge")
     timings["judge"] = time.time() - began
 
@@ -384,9 +489,14 @@ def main() -> None:
     timings["unet"] = time.time() - began
 
     pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=encoder.to(torch.float16), tokenizer=tokenizer, unet=unet.to(torch.float16),
-        scheduler=DPMSolverMultistepScheduler.from_config(noise_scheduler().config), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False,
+        vae=vae,
+        text_encoder=encoder.to(torch.float16),
+        tokenizer=tokenizer,
+        unet=unet.to(torch.float16),
+        scheduler=DPMSolverMultistepScheduler.from_config(noise_scheduler().config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     pipe.save_pretrained(args.out / "model")
     shutil.rmtree(args.out / "model" / "tokenizer")  # the converted files, without the larger tokenizer.json

@@ -40,7 +40,11 @@ def _is_loopback(host: Any) -> bool:
 
 def _refuse_non_loopback_connections() -> None:
     """No test reaches anything but loopback: other connects are refused and other names don't resolve."""
-    real_connect, real_connect_ex, real_getaddrinfo = socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo
+    real_connect, real_connect_ex, real_getaddrinfo = (
+        socket.socket.connect,
+        socket.socket.connect_ex,
+        socket.getaddrinfo,
+    )
 
     def check(sock: socket.socket, address: Any) -> None:
         if sock.family in (socket.AF_INET, socket.AF_INET6) and not _is_loopback(address[0]):
@@ -123,11 +127,14 @@ CAPTIONS = [
 PROMPTS = ["a photo of a dog", "an apple", "a red car", "painting by Van Gogh"]
 """Prompts whose conditioning tests compare, edited ones among them."""
 FAMILY_PIPELINES: dict[str, Callable[..., DiffusionPipeline]] = {
-    "sd1": tiny_sd_pipeline, "sd2": tiny_sd2_pipeline, "sdxl": tiny_sdxl_pipeline,
+    "sd1": tiny_sd_pipeline,
+    "sd2": tiny_sd2_pipeline,
+    "sdxl": tiny_sdxl_pipeline,
 }
 """The tiny pipeline of each family the package supports."""
-FUZZ_SETTINGS = dict(deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                         HealthCheck.function_scoped_fixture])
+FUZZ_SETTINGS = dict(
+    deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
 """Hypothesis settings of the property tests besides the number of examples: no deadline (pipelines are slow to
 build), no example database (runs are reproducible from the seed), and fixtures shared by the examples."""
 

@@ -17,7 +17,14 @@ from diffusers_emcid.testing import tiny_sd_pipeline
 
 from .conftest import CAPTIONS
 
-REQUESTS = [("dog", "cat"), ("apple", "banana"), ("car", "tree"), ("house", "circle"), ("red", "blue"), ("square", "green")]
+REQUESTS = [
+    ("dog", "cat"),
+    ("apple", "banana"),
+    ("car", "tree"),
+    ("house", "circle"),
+    ("red", "blue"),
+    ("square", "green"),
+]
 
 
 def main() -> None:

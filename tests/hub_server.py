@@ -78,10 +78,42 @@ MAX_PENDING_UPLOADS = 4096
 INITIAL_GITATTRIBUTES = "".join(
     f"{pattern} filter=lfs diff=lfs merge=lfs -text\n"
     for pattern in (
-        "*.7z", "*.arrow", "*.bin", "*.bz2", "*.ckpt", "*.ftz", "*.gguf", "*.gz", "*.h5", "*.joblib", "*.lfs.*",
-        "*.mlmodel", "*.model", "*.msgpack", "*.npy", "*.npz", "*.onnx", "*.ot", "*.parquet", "*.pb", "*.pickle",
-        "*.pkl", "*.pt", "*.pth", "*.rar", "*.safetensors", "saved_model/**/*", "*.tar.*", "*.tar", "*.tflite",
-        "*.tgz", "*.wasm", "*.xz", "*.zip", "*.zst", "*tfevents*",
+        "*.7z",
+        "*.arrow",
+        "*.bin",
+        "*.bz2",
+        "*.ckpt",
+        "*.ftz",
+        "*.gguf",
+        "*.gz",
+        "*.h5",
+        "*.joblib",
+        "*.lfs.*",
+        "*.mlmodel",
+        "*.model",
+        "*.msgpack",
+        "*.npy",
+        "*.npz",
+        "*.onnx",
+        "*.ot",
+        "*.parquet",
+        "*.pb",
+        "*.pickle",
+        "*.pkl",
+        "*.pt",
+        "*.pth",
+        "*.rar",
+        "*.safetensors",
+        "saved_model/**/*",
+        "*.tar.*",
+        "*.tar",
+        "*.tflite",
+        "*.tgz",
+        "*.wasm",
+        "*.xz",
+        "*.zip",
+        "*.zst",
+        "*tfevents*",
     )
 ).encode()
 """The `.gitattributes` a new repository's first commit holds: which file names go to LFS."""
@@ -89,8 +121,9 @@ INITIAL_GITATTRIBUTES = "".join(
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _HEX_RE = re.compile(r"^[0-9a-f]{7,40}$")
-_API_ACTIONS = frozenset({"revision", "settings", "preupload", "commit", "tree", "paths-info", "refs", "commits",
-                          "branch", "tag"})
+_API_ACTIONS = frozenset(
+    {"revision", "settings", "preupload", "commit", "tree", "paths-info", "refs", "commits", "branch", "tag"}
+)
 
 
 def git_blob_id(data: bytes) -> str:
@@ -181,16 +214,27 @@ class Response:
     headers: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def json(cls, payload: Any, status: int = 200, content_type: str = "application/json",
-             headers: dict[str, str] | None = None) -> Response:
+    def json(
+        cls,
+        payload: Any,
+        status: int = 200,
+        content_type: str = "application/json",
+        headers: dict[str, str] | None = None,
+    ) -> Response:
         return cls(status, json.dumps(payload).encode(), {"Content-Type": content_type, **(headers or {})})
 
 
 class HubError(Exception):
     """An error answer: HTTP `status`, a message, and the `X-Error-Code` the client dispatches on."""
 
-    def __init__(self, status: int, message: str, code: str | None = None,
-                 headers: dict[str, str] | None = None, extra: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -260,8 +304,9 @@ class LoopbackHub:
         server = _HubHTTPServer(("127.0.0.1", 0), _Handler)
         server.hub = self
         self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="loopback-hub", daemon=True)
+        self._thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="loopback-hub", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -278,8 +323,9 @@ class LoopbackHub:
     def __enter__(self) -> LoopbackHub:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
     @property
@@ -335,23 +381,32 @@ class LoopbackHub:
                 return self._repo_api(method, rest[0][:-1], rest[1:], query, user, body)
         elif segments[:1] == ["lfs-upload"] and len(segments) == 2 and method == "PUT":
             return self._lfs_put(segments[1], body)
-        elif len(segments) >= 5 and segments[-4:] == ["info", "lfs", "objects", "batch"] \
-                and segments[-5].endswith(".git"):
+        elif (
+            len(segments) >= 5
+            and segments[-4:] == ["info", "lfs", "objects", "batch"]
+            and segments[-5].endswith(".git")
+        ):
             if method == "POST":
                 repo_type, repo_segments = self._split_type(segments[:-4])
                 repo_segments[-1] = repo_segments[-1][: -len(".git")]
-                return self._lfs_batch(self._repo_for_write(repo_type, "/".join(repo_segments), user),
-                                       _json_body(body))
+                return self._lfs_batch(self._repo_for_write(repo_type, "/".join(repo_segments), user), _json_body(body))
         elif method in ("GET", "HEAD") and "resolve" in segments:
             return self._resolve(method, segments, headers, user)
         raise HubError(404, f"No such route in LoopbackHub: {method} {split.path}")
 
-    def _repo_api(self, method: str, repo_type: str, segments: list[str], query: dict[str, list[str]],
-                  user: str | None, body: bytes) -> Response:
+    def _repo_api(
+        self,
+        method: str,
+        repo_type: str,
+        segments: list[str],
+        query: dict[str, list[str]],
+        user: str | None,
+        body: bytes,
+    ) -> Response:
         n = self._repo_segment_count(repo_type, segments)
         repo_id = "/".join(unquote(s) for s in segments[:n])
         action = segments[n] if len(segments) > n else None
-        args = [unquote(s) for s in segments[n + 1:]]
+        args = [unquote(s) for s in segments[n + 1 :]]
         if action is None:
             if method == "GET":
                 return self._info(self._repo_for_read(repo_type, repo_id, user), "main", query)
@@ -364,11 +419,16 @@ class LoopbackHub:
         elif action == "preupload" and method == "POST" and len(args) == 1:
             return self._preupload(self._repo_for_write(repo_type, repo_id, user), args[0], _json_body(body))
         elif action == "commit" and method == "POST" and len(args) == 1:
-            return self._commit(self._repo_for_write(repo_type, repo_id, user), args[0], body,
-                                create_pr=_flag(query, "create_pr"))
+            return self._commit(
+                self._repo_for_write(repo_type, repo_id, user), args[0], body, create_pr=_flag(query, "create_pr")
+            )
         elif action == "tree" and method == "GET" and args:
-            return self._tree(self._repo_for_read(repo_type, repo_id, user), args[0], "/".join(args[1:]),
-                              recursive=_flag(query, "recursive"))
+            return self._tree(
+                self._repo_for_read(repo_type, repo_id, user),
+                args[0],
+                "/".join(args[1:]),
+                recursive=_flag(query, "recursive"),
+            )
         elif action == "paths-info" and method == "POST" and len(args) == 1:
             form = parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True)
             return self._paths_info(self._repo_for_read(repo_type, repo_id, user), args[0], form.get("paths", []))
@@ -419,8 +479,7 @@ class LoopbackHub:
     def _repo_for_read(self, repo_type: str, repo_id: str, user: str | None) -> Repo:
         repo = self._repos.get((repo_type, repo_id))
         if repo is None or (repo.private and user is None):
-            raise HubError(401 if user is None else 404, f"Repository not found: {repo_type} {repo_id}",
-                           "RepoNotFound")
+            raise HubError(401 if user is None else 404, f"Repository not found: {repo_type} {repo_id}", "RepoNotFound")
         return repo
 
     def _repo_for_write(self, repo_type: str, repo_id: str, user: str | None) -> Repo:
@@ -444,9 +503,9 @@ class LoopbackHub:
         if revision in repo.tags:
             return repo.tags[revision]
         if revision.startswith("refs/heads/"):
-            return repo.branches.get(revision[len("refs/heads/"):])
+            return repo.branches.get(revision[len("refs/heads/") :])
         if revision.startswith("refs/tags/"):
-            return repo.tags.get(revision[len("refs/tags/"):])
+            return repo.tags.get(revision[len("refs/tags/") :])
         match = re.fullmatch(r"refs/pr/(\d+)", revision)
         return repo.pull_requests.get(int(match.group(1))) if match else None
 
@@ -455,11 +514,19 @@ class LoopbackHub:
     def _whoami(self, user: str | None) -> Response:
         if user is None:
             raise HubError(401, "Authorization header is required")
-        return Response.json({
-            "type": "user", "id": "0" * 24, "name": user, "fullname": "Loopback User", "email": None,
-            "emailVerified": False, "isPro": False, "orgs": [],
-            "auth": {"type": "access_token", "accessToken": {"displayName": "loopback", "role": "write"}},
-        })
+        return Response.json(
+            {
+                "type": "user",
+                "id": "0" * 24,
+                "name": user,
+                "fullname": "Loopback User",
+                "email": None,
+                "emailVerified": False,
+                "isPro": False,
+                "orgs": [],
+                "auth": {"type": "access_token", "accessToken": {"displayName": "loopback", "role": "write"}},
+            }
+        )
 
     def _create_repo(self, user: str | None, payload: dict[str, Any]) -> Response:
         if user is None:
@@ -480,8 +547,15 @@ class LoopbackHub:
         private = visibility in ("private", "protected") if visibility is not None else bool(payload.get("private"))
         repo = Repo(repo_type, repo_id, private=private, created_at=_now(), sdk=payload.get("sdk"))
         self._repos[(repo_type, repo_id)] = repo
-        self._add_commit(repo, "main", None, {".gitattributes": Entry.regular(INITIAL_GITATTRIBUTES)},
-                         "initial commit", "", (".gitattributes",))
+        self._add_commit(
+            repo,
+            "main",
+            None,
+            {".gitattributes": Entry.regular(INITIAL_GITATTRIBUTES)},
+            "initial commit",
+            "",
+            (".gitattributes",),
+        )
         return Response.json({"url": url, "name": repo_id, "id": repo_id})
 
     def _delete_repo(self, user: str | None, payload: dict[str, Any]) -> Response:
@@ -511,8 +585,9 @@ class LoopbackHub:
             return Response.json({"errors": [{"message": "`content` must be a string"}], "warnings": []}, 400)
         lines = content.splitlines()
         if lines and lines[0].strip() == "---" and not any(line.strip() == "---" for line in lines[1:]):
-            return Response.json({"errors": [{"message": "Unclosed YAML front matter in README.md"}],
-                                  "warnings": []}, 400)
+            return Response.json(
+                {"errors": [{"message": "Unclosed YAML front matter in README.md"}], "warnings": []}, 400
+            )
         return Response.json({"errors": [], "warnings": []})
 
     def _info(self, repo: Repo, revision: str, query: dict[str, list[str]]) -> Response:
@@ -528,10 +603,18 @@ class LoopbackHub:
             siblings.append(sibling)
         info: dict[str, Any] = {
             "_id": hashlib.sha1(f"{repo.repo_type}/{repo.repo_id}".encode()).hexdigest()[:24],
-            "id": repo.repo_id, "author": repo.repo_id.split("/")[0] if "/" in repo.repo_id else None,
-            "sha": commit.oid, "lastModified": commit.date, "createdAt": repo.created_at,
-            "private": repo.private, "gated": repo.gated, "disabled": False, "downloads": 0, "likes": 0,
-            "tags": [], "siblings": siblings,
+            "id": repo.repo_id,
+            "author": repo.repo_id.split("/")[0] if "/" in repo.repo_id else None,
+            "sha": commit.oid,
+            "lastModified": commit.date,
+            "createdAt": repo.created_at,
+            "private": repo.private,
+            "gated": repo.gated,
+            "disabled": False,
+            "downloads": 0,
+            "likes": 0,
+            "tags": [],
+            "siblings": siblings,
             "usedStorage": sum(len(data) for data in repo.lfs_objects.values()),
         }
         if repo.repo_type == "space":
@@ -544,16 +627,25 @@ class LoopbackHub:
         def refs(items: Mapping[Any, str], prefix: str) -> list[dict[str, str]]:
             return [{"name": str(name), "ref": f"{prefix}{name}", "targetCommit": oid} for name, oid in items.items()]
 
-        payload: dict[str, Any] = {"branches": refs(repo.branches, "refs/heads/"), "converts": [],
-                                   "tags": refs(repo.tags, "refs/tags/")}
+        payload: dict[str, Any] = {
+            "branches": refs(repo.branches, "refs/heads/"),
+            "converts": [],
+            "tags": refs(repo.tags, "refs/tags/"),
+        }
         if include_prs:
             payload["pullRequests"] = refs(repo.pull_requests, "refs/pr/")
         return Response.json(payload)
 
     @staticmethod
     def _check_ref_name(name: str, kind: str) -> None:
-        if not name or name.startswith(("refs/", "/")) or name.endswith("/") or ".." in name or " " in name \
-                or len(name) > 255:
+        if (
+            not name
+            or name.startswith(("refs/", "/"))
+            or name.endswith("/")
+            or ".." in name
+            or " " in name
+            or len(name) > 255
+        ):
             raise HubError(400, f"Invalid {kind} name: {name!r}")
 
     def _create_branch(self, repo: Repo, branch: str, payload: dict[str, Any]) -> Response:
@@ -589,8 +681,15 @@ class LoopbackHub:
         for _ in range(len(repo.commits)):  # a parent chain never repeats a commit
             if commit is None:
                 break
-            items.append({"id": commit.oid, "title": commit.title, "message": commit.message, "date": commit.date,
-                          "authors": [{"user": USER_NAME}]})
+            items.append(
+                {
+                    "id": commit.oid,
+                    "title": commit.title,
+                    "message": commit.message,
+                    "date": commit.date,
+                    "authors": [{"user": USER_NAME}],
+                }
+            )
             commit = repo.commits.get(commit.parent) if commit.parent is not None else None
         return Response.json(items)
 
@@ -620,7 +719,7 @@ class LoopbackHub:
         for file_path, entry in sorted(files.items()):
             if not file_path.startswith(prefix):
                 continue
-            parts = file_path[len(prefix):].split("/")
+            parts = file_path[len(prefix) :].split("/")
             for depth in range(1, len(parts)):
                 folders.add(prefix + "/".join(parts[:depth]))
             if recursive or len(parts) == 1:
@@ -655,8 +754,9 @@ class LoopbackHub:
             if not line.strip() or line.lstrip().startswith("#"):
                 continue
             pattern, *attrs = line.split()
-            if "filter=lfs" in attrs and (fnmatch.fnmatchcase(name, pattern) if "/" not in pattern
-                                          else fnmatch.fnmatchcase(path, pattern)):
+            if "filter=lfs" in attrs and (
+                fnmatch.fnmatchcase(name, pattern) if "/" not in pattern else fnmatch.fnmatchcase(path, pattern)
+            ):
                 return True
         return False
 
@@ -704,8 +804,9 @@ class LoopbackHub:
                     del self._uploads[next(iter(self._uploads))]
                 result["actions"] = {"upload": {"href": f"{self.endpoint}/lfs-upload/{ticket}", "expires_in": 3600}}
             answer.append(result)
-        return Response.json({"transfer": "basic", "objects": answer, "hash_algo": "sha256"},
-                             content_type="application/vnd.git-lfs+json")
+        return Response.json(
+            {"transfer": "basic", "objects": answer, "hash_algo": "sha256"}, content_type="application/vnd.git-lfs+json"
+        )
 
     def _lfs_put(self, ticket: str, body: bytes) -> Response:
         upload = self._uploads.pop(ticket, None)
@@ -736,7 +837,7 @@ class LoopbackHub:
 
         base = self._resolve_revision(repo, revision)
         if not create_pr:
-            target = revision[len("refs/heads/"):] if revision.startswith("refs/heads/") else revision
+            target = revision[len("refs/heads/") :] if revision.startswith("refs/heads/") else revision
             if target not in repo.branches and not re.fullmatch(r"refs/pr/\d+", target):
                 raise HubError(400, f"Cannot commit to {revision}: not a branch or a pull request")
             parent_commit = header.get("parentCommit")
@@ -750,8 +851,9 @@ class LoopbackHub:
             if not isinstance(value, dict):
                 raise HubError(400, f"Invalid commit operation: {item!r}")
             raw_path = value.get("path")
-            path = _clean_path(raw_path.rstrip("/") if key == "deletedFolder" and isinstance(raw_path, str)
-                               else raw_path)
+            path = _clean_path(
+                raw_path.rstrip("/") if key == "deletedFolder" and isinstance(raw_path, str) else raw_path
+            )
             if key == "file":
                 content = value.get("content", "")
                 if value.get("encoding", "utf-8") == "base64":
@@ -788,17 +890,30 @@ class LoopbackHub:
             number = max(repo.pull_requests, default=0) + 1
             ref = f"refs/pr/{number}"
         elif revision.startswith("refs/heads/"):
-            ref = revision[len("refs/heads/"):]
-        commit = self._add_commit(repo, ref, base.oid, files, title, str(header.get("description") or ""),
-                                  tuple(changed))
-        answer = {"success": True, "commitOid": commit.oid, "commitUrl": f"{self.endpoint}/{repo.url_path}/commit/"
-                  f"{commit.oid}", "hookOutput": ""}
+            ref = revision[len("refs/heads/") :]
+        commit = self._add_commit(
+            repo, ref, base.oid, files, title, str(header.get("description") or ""), tuple(changed)
+        )
+        answer = {
+            "success": True,
+            "commitOid": commit.oid,
+            "commitUrl": f"{self.endpoint}/{repo.url_path}/commit/{commit.oid}",
+            "hookOutput": "",
+        }
         if create_pr:
             answer["pullRequestUrl"] = f"{self.endpoint}/{repo.url_path}/discussions/{ref.rsplit('/', 1)[-1]}"
         return Response.json(answer)
 
-    def _add_commit(self, repo: Repo, ref: str, parent: str | None, files: dict[str, Entry], title: str,
-                    message: str, changed: tuple[str, ...]) -> Commit:
+    def _add_commit(
+        self,
+        repo: Repo,
+        ref: str,
+        parent: str | None,
+        files: dict[str, Entry],
+        title: str,
+        message: str,
+        changed: tuple[str, ...],
+    ) -> Commit:
         self._commit_counter += 1
         digest = hashlib.sha1(f"{self._commit_counter}\0{repo.repo_id}\0{parent}\0{title}\0{message}\0".encode())
         for path, entry in sorted(files.items()):
@@ -815,22 +930,24 @@ class LoopbackHub:
 
     # ------------------------------------------------------------------ downloads
 
-    def _resolve(self, method: str, segments: list[str], headers: Message | Mapping[str, str],
-                 user: str | None) -> Response:
+    def _resolve(
+        self, method: str, segments: list[str], headers: Message | Mapping[str, str], user: str | None
+    ) -> Response:
         index = segments.index("resolve")
         repo_type, repo_segments = self._split_type(segments[:index])
         if not 1 <= len(repo_segments) <= 2 or len(segments) < index + 3:
             raise HubError(404, "Malformed resolve URL")
         repo = self._repo_for_read(repo_type, "/".join(repo_segments), user)
         commit = self._resolve_revision(repo, unquote(segments[index + 1]))
-        path = "/".join(unquote(s) for s in segments[index + 2:])
+        path = "/".join(unquote(s) for s in segments[index + 2 :])
         entry = commit.files.get(path)
         common = {"X-Repo-Commit": commit.oid}
         if entry is None:
             raise HubError(404, f"Entry not found: {path}", "EntryNotFound", common)
         data = entry.content if entry.content is not None else repo.lfs_objects[entry.lfs_oid or ""]
-        common.update({"ETag": f'"{entry.blob_id}"', "Accept-Ranges": "bytes",
-                       "Content-Type": "application/octet-stream"})
+        common.update(
+            {"ETag": f'"{entry.blob_id}"', "Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
+        )
         if entry.lfs_oid is not None:
             common.update({"X-Linked-Etag": f'"{entry.lfs_oid}"', "X-Linked-Size": str(entry.size)})
         range_header = headers.get("Range")
@@ -840,7 +957,7 @@ class LoopbackHub:
             end = min(int(match.group(2)) if match.group(2) else len(data) - 1, len(data) - 1)
             if start > end:
                 return Response(416, b"", {**common, "Content-Range": f"bytes */{len(data)}"})
-            return Response(206, data[start:end + 1], {**common, "Content-Range": f"bytes {start}-{end}/{len(data)}"})
+            return Response(206, data[start : end + 1], {**common, "Content-Range": f"bytes {start}-{end}/{len(data)}"})
         return Response(200, data, common)
 
 

@@ -22,10 +22,19 @@ TAGS = ["emcid", "concept-editing", "lora", "text-to-image", "diffusers"]
 def small_edits(base_model: str | None = None) -> ConceptEdits:
     """One random rank-1 edit of layer 0 of the tiny SD 1.x pipeline's text encoder."""
     generator = torch.Generator().manual_seed(0)
-    deltas = {"text_encoder": {0: LowRankDelta(torch.randn(32, 1, generator=generator),
-                                               torch.randn(1, 64, generator=generator))}}
-    return ConceptEdits([ConceptEdit("dog", "cat")], {"text_encoder": torch.randn(1, 32, generator=generator)}, deltas,
-                        EMCIDConfig(), {"text_encoder": 0}, base_model=base_model)
+    deltas = {
+        "text_encoder": {
+            0: LowRankDelta(torch.randn(32, 1, generator=generator), torch.randn(1, 64, generator=generator))
+        }
+    }
+    return ConceptEdits(
+        [ConceptEdit("dog", "cat")],
+        {"text_encoder": torch.randn(1, 32, generator=generator)},
+        deltas,
+        EMCIDConfig(),
+        {"text_encoder": 0},
+        base_model=base_model,
+    )
 
 
 def read_card(folder: Path) -> tuple[dict, str]:
@@ -46,24 +55,39 @@ def base_model_repo(hub, repo_id: str, card_metadata: str) -> str:
     """A model repo on the loopback Hub whose card has `card_metadata` as YAML."""
     api = HfApi(endpoint=hub.endpoint, token=hub.token)
     api.create_repo(repo_id, exist_ok=True)
-    api.upload_file(path_or_fileobj=f"---\n{card_metadata}\n---\n\n# A base model\n".encode(), path_in_repo="README.md",
-                    repo_id=repo_id)
+    api.upload_file(
+        path_or_fileobj=f"---\n{card_metadata}\n---\n\n# A base model\n".encode(),
+        path_in_repo="README.md",
+        repo_id=repo_id,
+    )
     return repo_id
 
 
 def test_a_hub_base_model_is_named_with_its_license_and_the_adapter_relation(hub, tmp_path):
     base = base_model_repo(hub, "alice/licensed-base", "license: creativeml-openrail-m\nlibrary_name: diffusers")
     metadata, _ = read_card(small_edits(base).save_pretrained(tmp_path / "edits"))
-    assert metadata == {"base_model": base, "base_model_relation": "adapter", "pipeline_tag": "text-to-image",
-                        "library_name": "diffusers", "license": "creativeml-openrail-m", "tags": TAGS}
+    assert metadata == {
+        "base_model": base,
+        "base_model_relation": "adapter",
+        "pipeline_tag": "text-to-image",
+        "library_name": "diffusers",
+        "license": "creativeml-openrail-m",
+        "tags": TAGS,
+    }
 
 
 def test_an_other_license_keeps_its_name_and_link(hub, tmp_path):
-    base = base_model_repo(hub, "alice/other-license-base",
-                           "license: other\nlicense_name: base-license\nlicense_link: https://example.com/LICENSE")
+    base = base_model_repo(
+        hub,
+        "alice/other-license-base",
+        "license: other\nlicense_name: base-license\nlicense_link: https://example.com/LICENSE",
+    )
     metadata, _ = read_card(small_edits(base).save_pretrained(tmp_path / "edits"))
     assert (metadata["license"], metadata["license_name"], metadata["license_link"]) == (
-        "other", "base-license", "https://example.com/LICENSE")
+        "other",
+        "base-license",
+        "https://example.com/LICENSE",
+    )
 
 
 def test_an_unknown_license_is_left_out(hub, tmp_path):
@@ -101,8 +125,9 @@ def test_the_card_says_how_each_ui_loads_the_edits(hub, tmp_path):
     _, local = read_card(small_edits().save_pretrained(tmp_path / "edits"))
     pushed_edits = small_edits()
     pushed_edits.push_to_hub("alice/card-uis", token=hub.token)
-    card = HfApi(endpoint=hub.endpoint, token=hub.token).hf_hub_download("alice/card-uis", CARD_NAME,
-                                                                         cache_dir=tmp_path / "download")
+    card = HfApi(endpoint=hub.endpoint, token=hub.token).hf_hub_download(
+        "alice/card-uis", CARD_NAME, cache_dir=tmp_path / "download"
+    )
     _, pushed = read_card(Path(card).parent)
     for body in (local, pushed):
         assert "pipe.load_lora_weights(" in body and "pipe.load_concept_edits(" in body  # diffusers

@@ -40,12 +40,30 @@ def run(argv, capsys):
 def test_edit_stats_and_push_end_to_end(model_dir, files, tmp_path, capsys, hub):
     captions, pairs = files
     cache = tmp_path / "cache"
-    code, out, err = run(["stats", "--model", model_dir, "--captions", captions, "--cache-dir", cache, "--device", "cpu"], capsys)
+    code, out, err = run(
+        ["stats", "--model", model_dir, "--captions", captions, "--cache-dir", cache, "--device", "cpu"], capsys
+    )
     assert code == 0, err
     assert "layers [0, 1, 2, 3]" in out
     out_dir = tmp_path / "edits"
-    code, out, err = run(["edit", "--model", model_dir, "--pairs", pairs, "--out", out_dir, "--num-steps", "3",
-                          "--cache-dir", cache, "--device", "cpu"], capsys)  # statistics come from the cache
+    code, out, err = run(
+        [
+            "edit",
+            "--model",
+            model_dir,
+            "--pairs",
+            pairs,
+            "--out",
+            out_dir,
+            "--num-steps",
+            "3",
+            "--cache-dir",
+            cache,
+            "--device",
+            "cpu",
+        ],
+        capsys,
+    )  # statistics come from the cache
     assert code == 0, err
     edits = ConceptEdits.from_pretrained(out_dir)
     assert [(r.source, r.destination) for r in edits.requests] == [("apple", "banana"), ("dog", "cat")]
@@ -60,19 +78,70 @@ def test_edit_stats_and_push_end_to_end(model_dir, files, tmp_path, capsys, hub)
 def test_eval_writes_metrics_and_picture(model_dir, files, tmp_path, capsys):
     captions, pairs = files
     out_dir = tmp_path / "edits"
-    assert run(["edit", "--model", model_dir, "--pairs", pairs, "--captions", captions, "--out", out_dir,
-                "--num-steps", "2", "--cache-dir", tmp_path / "cache", "--device", "cpu"], capsys)[0] == 0
+    assert (
+        run(
+            [
+                "edit",
+                "--model",
+                model_dir,
+                "--pairs",
+                pairs,
+                "--captions",
+                captions,
+                "--out",
+                out_dir,
+                "--num-steps",
+                "2",
+                "--cache-dir",
+                tmp_path / "cache",
+                "--device",
+                "cpu",
+            ],
+            capsys,
+        )[0]
+        == 0
+    )
     labels = {0: "dog", 1: "cat", 2: "apple", 3: "banana"}
     judge_dir = tmp_path / "judge"
     torch.manual_seed(0)
-    ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8], depths=[1], num_labels=4, id2label=labels,
-                                              label2id={v: k for k, v in labels.items()})).save_pretrained(judge_dir)
+    ResNetForImageClassification(
+        ResNetConfig(
+            embedding_size=8,
+            hidden_sizes=[8],
+            depths=[1],
+            num_labels=4,
+            id2label=labels,
+            label2id={v: k for k, v in labels.items()},
+        )
+    ).save_pretrained(judge_dir)
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(judge_dir)
     prompts = tmp_path / "eval.csv"
-    prompts.write_text("group,prompt,source,destination,seed\nefficacy,a photo of dog,dog,cat,0\nspecificity,an apple,apple,,5\n")
+    prompts.write_text(
+        "group,prompt,source,destination,seed\nefficacy,a photo of dog,dog,cat,0\nspecificity,an apple,apple,,5\n"
+    )
     report = tmp_path / "report"
-    code, out, err = run(["eval", "--model", model_dir, "--edits", out_dir, "--judge", judge_dir, "--prompts", prompts,
-                          "--num-images", "2", "--steps", "2", "--out", report, "--device", "cpu"], capsys)
+    code, out, err = run(
+        [
+            "eval",
+            "--model",
+            model_dir,
+            "--edits",
+            out_dir,
+            "--judge",
+            judge_dir,
+            "--prompts",
+            prompts,
+            "--num-images",
+            "2",
+            "--steps",
+            "2",
+            "--out",
+            report,
+            "--device",
+            "cpu",
+        ],
+        capsys,
+    )
     assert code == 0, err
     metrics = json.loads((report / "metrics.json").read_text())
     assert set(metrics["summary"]) == {"efficacy", "specificity"}
@@ -84,10 +153,15 @@ def test_eval_writes_metrics_and_picture(model_dir, files, tmp_path, capsys):
     "argv, message",
     [
         (["edit", "--model", "{tmp}/nowhere", "--pairs", "{pairs}", "--out", "{tmp}/o"], "cannot load the model"),
-        (["edit", "--model", "{model}", "--pairs", "{tmp}/missing.csv", "--out", "{tmp}/o"], "pairs file .* does not exist"),
+        (
+            ["edit", "--model", "{model}", "--pairs", "{tmp}/missing.csv", "--out", "{tmp}/o"],
+            "pairs file .* does not exist",
+        ),
         (["edit", "--model", "{model}", "--pairs", "{bad_pairs}", "--out", "{tmp}/o"], r"bad\.csv, line 2: .*dog"),
-        (["edit", "--model", "{model}", "--pairs", "{pairs}", "--out", "{tmp}/o", "--cache-dir", "{tmp}/empty"],
-         "no key statistics of .* pass --captions FILE"),
+        (
+            ["edit", "--model", "{model}", "--pairs", "{pairs}", "--out", "{tmp}/o", "--cache-dir", "{tmp}/empty"],
+            "no key statistics of .* pass --captions FILE",
+        ),
         (["stats", "--model", "{model}", "--captions", "{tmp}/none.txt"], "captions file .* does not exist"),
         (["push", "{tmp}/not-a-folder", "me/x"], "is not a folder"),
     ],
@@ -130,15 +204,45 @@ def test_every_config_field_has_an_option_with_its_help(command, capsys):
 def test_config_options_override_the_preset():
     parser = build_parser()
     assert make_config(parser.parse_args(EDIT), pipe=None) == EMCIDConfig.from_preset("sdxl-paper")
-    args = parser.parse_args(EDIT + [
-        "--num-steps", "3", "--learning-rate", "0.05", "--layers=-3:-1", "--layers-2", "0,2", "--z-layer", "-1",
-        "--preservation-weight-2", "None", "--image-scheduler", "DDIMScheduler", "--residual", "memit",
-        "--concept-batch-size", "2", "--statistics-num-samples", "10", "--dtype", "bfloat16",
-    ])
+    args = parser.parse_args(
+        EDIT
+        + [
+            "--num-steps",
+            "3",
+            "--learning-rate",
+            "0.05",
+            "--layers=-3:-1",
+            "--layers-2",
+            "0,2",
+            "--z-layer",
+            "-1",
+            "--preservation-weight-2",
+            "None",
+            "--image-scheduler",
+            "DDIMScheduler",
+            "--residual",
+            "memit",
+            "--concept-batch-size",
+            "2",
+            "--statistics-num-samples",
+            "10",
+            "--dtype",
+            "bfloat16",
+        ]
+    )
     assert make_config(args, pipe=None) == EMCIDConfig.from_preset(
-        "sdxl-paper", num_steps=3, learning_rate=0.05, layers="-3:-1", layers_2=[0, 2], z_layer=-1,
-        preservation_weight_2=None, image_scheduler="DDIMScheduler", residual="memit", concept_batch_size=2,
-        statistics_num_samples=10, dtype="bfloat16",
+        "sdxl-paper",
+        num_steps=3,
+        learning_rate=0.05,
+        layers="-3:-1",
+        layers_2=[0, 2],
+        z_layer=-1,
+        preservation_weight_2=None,
+        image_scheduler="DDIMScheduler",
+        residual="memit",
+        concept_batch_size=2,
+        statistics_num_samples=10,
+        dtype="bfloat16",
     )
 
 

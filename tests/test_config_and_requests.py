@@ -10,23 +10,60 @@ from diffusers_emcid.requests import as_concept_edits
 
 Z_LAYERS = {"text_encoder": 10, "text_encoder_2": 30}
 STAGE1_KEY_FIELDS = {
-    "num_steps", "learning_rate", "weight_decay", "clamp_norm_factor", "text_alignment_weight", "samples_per_prompt",
-    "image_num_inference_steps", "image_guidance_scale", "image_scheduler", "image_resolution", "image_training_scale",
-    "stage1_padding", "early_stopping_window", "early_stopping_min_improvement", "dtype",
+    "num_steps",
+    "learning_rate",
+    "weight_decay",
+    "clamp_norm_factor",
+    "text_alignment_weight",
+    "samples_per_prompt",
+    "image_num_inference_steps",
+    "image_guidance_scale",
+    "image_scheduler",
+    "image_resolution",
+    "image_training_scale",
+    "stage1_padding",
+    "early_stopping_window",
+    "early_stopping_min_improvement",
+    "dtype",
 }
 """The fields a stage-1 vector depends on besides its z layers, listed independently of their metadata."""
 Z_LAYER_FIELDS = {"layers", "z_layer", "layers_2", "z_layer_2"}
 """The fields that reach the stage-1 key through the z layers they resolve to."""
 CHANGED = {
-    "layers": "0:-2", "z_layer": 11, "num_steps": 100, "learning_rate": 0.1, "weight_decay": 1e-3,
-    "clamp_norm_factor": 1.2, "text_alignment_weight": 0.0, "samples_per_prompt": 2, "image_num_inference_steps": 20,
-    "image_guidance_scale": 4.0, "image_scheduler": "DDIMScheduler", "image_resolution": 64,
-    "image_training_scale": 0.5, "stage1_padding": "pipeline", "early_stopping_window": 6,
-    "early_stopping_min_improvement": 0.02, "preservation_weight": 10.0, "edit_weight": 0.5, "residual": "memit",
-    "stage2_keys": "prompt", "layers_2": "-7:-2", "z_layer_2": 31, "preservation_weight_2": 10.0,
-    "statistics_num_samples": 10, "statistics_batch_size": 10, "statistics_positions": "paper",
-    "statistics_padding_weight": 0.5, "statistics_regularization": 1e-4, "stage1_mode": "reference",
-    "concept_batch_size": 2, "stage2_batch_size": 16, "dtype": "float16", "device": "cpu", "preset": "sd1-paper",
+    "layers": "0:-2",
+    "z_layer": 11,
+    "num_steps": 100,
+    "learning_rate": 0.1,
+    "weight_decay": 1e-3,
+    "clamp_norm_factor": 1.2,
+    "text_alignment_weight": 0.0,
+    "samples_per_prompt": 2,
+    "image_num_inference_steps": 20,
+    "image_guidance_scale": 4.0,
+    "image_scheduler": "DDIMScheduler",
+    "image_resolution": 64,
+    "image_training_scale": 0.5,
+    "stage1_padding": "pipeline",
+    "early_stopping_window": 6,
+    "early_stopping_min_improvement": 0.02,
+    "preservation_weight": 10.0,
+    "edit_weight": 0.5,
+    "residual": "memit",
+    "stage2_keys": "prompt",
+    "layers_2": "-7:-2",
+    "z_layer_2": 31,
+    "preservation_weight_2": 10.0,
+    "statistics_num_samples": 10,
+    "statistics_batch_size": 10,
+    "statistics_positions": "paper",
+    "statistics_padding_weight": 0.5,
+    "statistics_regularization": 1e-4,
+    "stage1_mode": "reference",
+    "concept_batch_size": 2,
+    "stage2_batch_size": 16,
+    "dtype": "float16",
+    "device": "cpu",
+    "preset": "sd1-paper",
 }
 """Another valid value of every field."""
 
@@ -34,7 +71,12 @@ CHANGED = {
 def test_paper_preset_matches_the_spec():
     config = EMCIDConfig.from_preset("sd1-paper")
     assert config.resolve_layers(12) == (list(range(11)), 10)
-    assert (config.num_steps, config.learning_rate, config.weight_decay, config.clamp_norm_factor) == (200, 0.2, 5e-4, 1.5)
+    assert (config.num_steps, config.learning_rate, config.weight_decay, config.clamp_norm_factor) == (
+        200,
+        0.2,
+        5e-4,
+        1.5,
+    )
     assert (config.text_alignment_weight, config.preservation_weight, config.edit_weight) == (0.01, 4000.0, 0.6)
     assert (config.samples_per_prompt, config.image_num_inference_steps, config.image_guidance_scale) == (1, 50, 7.5)
     assert config.residual == "paper" and config.statistics_num_samples == 100_000
@@ -50,7 +92,7 @@ def test_artists_preset_matches_the_spec():
 def test_presets_scale_to_other_depths(depth):
     for name in set(PRESETS) - {"shapes-demo"}:  # the shapes model's preset names its two layers
         layers, z_layer = EMCIDConfig.from_preset(name).resolve_layers(depth)
-        assert layers and z_layer == layers[-1] == depth - 2 and all(0 <= l < depth for l in layers)
+        assert layers and z_layer == layers[-1] == depth - 2 and all(0 <= layer < depth for layer in layers)
 
 
 def test_layer_specs():
@@ -175,10 +217,21 @@ def test_each_field_changes_the_stage1_key_exactly_when_marked_for_it():
 def test_stage1_settings_keep_their_entries():
     config = EMCIDConfig.from_preset("sdxl-paper", early_stopping_window=5, stage1_padding="pipeline")
     assert config.stage1_settings(Z_LAYERS) == {
-        "z_layers": Z_LAYERS, "num_steps": 100, "learning_rate": 0.1, "weight_decay": 8e-3, "clamp_norm_factor": 1.2,
-        "text_alignment_weight": 0.005, "samples_per_prompt": 1, "image_num_inference_steps": 50,
-        "image_guidance_scale": 7.5, "image_scheduler": None, "image_resolution": None, "dtype": None,
-        "early_stopping": (5, 0.01), "padding": "pipeline", "training_scale": 0.5,
+        "z_layers": Z_LAYERS,
+        "num_steps": 100,
+        "learning_rate": 0.1,
+        "weight_decay": 8e-3,
+        "clamp_norm_factor": 1.2,
+        "text_alignment_weight": 0.005,
+        "samples_per_prompt": 1,
+        "image_num_inference_steps": 50,
+        "image_guidance_scale": 7.5,
+        "image_scheduler": None,
+        "image_resolution": None,
+        "dtype": None,
+        "early_stopping": (5, 0.01),
+        "padding": "pipeline",
+        "training_scale": 0.5,
     }
 
 
@@ -190,12 +243,24 @@ def test_stage1_settings_keep_their_entries():
         ("sd1-artists", {}, {"text_encoder": 10}, "ce2b011fd14a2bcc070aba0897c41ca2a47c46397377276d6793cc581033c137"),
         ("shapes-demo", {}, {"text_encoder": 10}, "3935447e390ca24b5d090ae59c95722b860ed1ee5942ef54a3d619aec46b60f0"),
         ("sdxl-paper", {}, Z_LAYERS, "a419e6bac00f250ab950a9ca1f3fc6fe383083868d5a95a3ae5272dee4b02904"),
-        ("sd1-paper", {"early_stopping_window": 5, "early_stopping_min_improvement": 0.02}, {"text_encoder": 10},
-         "6ecb86b632ffd8e672ea4a4175682149308b691f5cc7c93fb19f8f58de1597c6"),
-        ("sd1-paper", {"stage1_padding": "pipeline"}, {"text_encoder": 10},
-         "e47fb35df235f34ef9c0cdccb64249187b3ee8f66c750f3463c013a698fee8f8"),
-        ("sd1-paper", {"image_scheduler": "DDIMScheduler", "image_resolution": 256, "dtype": "bfloat16"},
-         {"text_encoder": 10}, "4c0d2f43464d11d9c3550be9c8fc7b7ac389ec03e600d9612d39a2b1044da3b5"),
+        (
+            "sd1-paper",
+            {"early_stopping_window": 5, "early_stopping_min_improvement": 0.02},
+            {"text_encoder": 10},
+            "6ecb86b632ffd8e672ea4a4175682149308b691f5cc7c93fb19f8f58de1597c6",
+        ),
+        (
+            "sd1-paper",
+            {"stage1_padding": "pipeline"},
+            {"text_encoder": 10},
+            "e47fb35df235f34ef9c0cdccb64249187b3ee8f66c750f3463c013a698fee8f8",
+        ),
+        (
+            "sd1-paper",
+            {"image_scheduler": "DDIMScheduler", "image_resolution": 256, "dtype": "bfloat16"},
+            {"text_encoder": 10},
+            "4c0d2f43464d11d9c3550be9c8fc7b7ac389ec03e600d9612d39a2b1044da3b5",
+        ),
     ],
 )
 def test_stage1_cache_keys_of_earlier_versions_stay_valid(preset, overrides, z_layers, expected):

@@ -41,7 +41,10 @@ def test_attribute_phrases_drop_the_leading_article(profession, expected):
 
 def test_attribute_phrases_keep_template_order_and_text():
     assert attribute_phrases("a doctor", ["{} who is young", "an old {}", "{}"]) == [
-        "doctor who is young", "an old doctor", "doctor"]
+        "doctor who is young",
+        "an old doctor",
+        "doctor",
+    ]
 
 
 @pytest.mark.parametrize("template", ["a female", "a {} {} person", "a {female} {}", "a {0}"])
@@ -220,13 +223,15 @@ def test_blend_vectors_is_the_weighted_sum():
 
 
 def test_attribute_ratios_count_the_argmax():
-    probabilities = torch.tensor([
-        [0.7, 0.2, 0.1],
-        [0.1, 0.8, 0.1],
-        [0.3, 0.3, 0.4],
-        [0.6, 0.3, 0.1],
-        [0.5, 0.5, 0.0],  # a tie goes to the lowest index
-    ])
+    probabilities = torch.tensor(
+        [
+            [0.7, 0.2, 0.1],
+            [0.1, 0.8, 0.1],
+            [0.3, 0.3, 0.4],
+            [0.6, 0.3, 0.1],
+            [0.5, 0.5, 0.0],  # a tie goes to the lowest index
+        ]
+    )
     ratios = attribute_ratios(probabilities)
     assert ratios.dtype == torch.float64
     assert ratios.tolist() == [3 / 5, 1 / 5, 1 / 5]
@@ -259,9 +264,12 @@ def tiny_clip():
     common = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
     config = CLIPConfig(
         text_config=dict(
-            vocab_size=len(tokenizer), max_position_embeddings=tokenizer.model_max_length,
-            bos_token_id=tokenizer.convert_tokens_to_ids("<|startoftext|>"), eos_token_id=end_of_text,
-            pad_token_id=end_of_text, **common,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=tokenizer.model_max_length,
+            bos_token_id=tokenizer.convert_tokens_to_ids("<|startoftext|>"),
+            eos_token_id=end_of_text,
+            pad_token_id=end_of_text,
+            **common,
         ),
         vision_config=dict(image_size=32, patch_size=8, **common),
         projection_dim=16,

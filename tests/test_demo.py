@@ -5,7 +5,13 @@ import pytest
 from diffusers_emcid import EMCIDConfig, EMCIDEditor
 from diffusers_emcid.demo import DEMO_PRESET, EDIT, PROMPTS, run_demo
 from diffusers_emcid.evaluation import ImageClassifierJudge, evaluate_edits
-from diffusers_emcid.shapes import EDITABLE_LAYERS, SAMPLING, load_shapes_pipeline, shapes_judge_path, statistics_captions
+from diffusers_emcid.shapes import (
+    EDITABLE_LAYERS,
+    SAMPLING,
+    load_shapes_pipeline,
+    shapes_judge_path,
+    statistics_captions,
+)
 
 NUM_IMAGES = 12
 """Images per prompt (the demo uses 50): enough that 0.1 and 0.8 are 1 and 10 squares apart."""

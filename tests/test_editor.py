@@ -111,8 +111,10 @@ def test_two_edit_sets_stay_active_together(editor, pipe):
         (lambda: [(3, "cat")], "source must be a str"),
         (lambda: [("dog", "cat"), ("DOG", "cow")], "both edit the source"),
         (lambda: [ConceptEdit("dog", "cat", templates=["a photo of a dog"])], "must contain"),
-        (lambda: [ConceptEdit("dog", "cat", templates=["a photo of {} " + "with a red car " * 20])],
-         "over the text encoder's limit"),
+        (
+            lambda: [ConceptEdit("dog", "cat", templates=["a photo of {} " + "with a red car " * 20])],
+            "over the text encoder's limit",
+        ),
         (lambda: [ConceptEdit("dog", "cat", images=[torch.zeros(3, 8, 8)] * 2)], "2 images for 3 templates"),
     ],
 )
@@ -125,8 +127,9 @@ def test_bad_input_fails_fast_and_changes_nothing(editor, pipe, make_requests, m
 
 
 def test_unsupported_text_encoder_is_a_clear_error(pipe, fast_config):
-    pipe.text_encoder = BertModel(BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1,
-                                             num_attention_heads=2, intermediate_size=32))
+    pipe.text_encoder = BertModel(
+        BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    )
     with pytest.raises(ValueError, match="BertModel; EMCID edits CLIP text encoders"):
         EMCIDEditor(pipe, fast_config)
 

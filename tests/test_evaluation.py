@@ -26,7 +26,9 @@ class BrightnessJudge:
     labels = ["bright", "dark"]
 
     def __call__(self, images):
-        bright = torch.tensor([sum(image.convert("L").getdata()) / (255 * image.width * image.height) for image in images])
+        bright = torch.tensor(
+            [sum(image.convert("L").getdata()) / (255 * image.width * image.height) for image in images]
+        )
         return torch.stack([bright, 1 - bright], dim=1)
 
 
@@ -48,8 +50,16 @@ def test_concept_labels_match_indices_aliases_and_words():
 def test_image_classifier_judge_wraps_any_transformers_classifier(pipe):
     labels = {0: "red square", 1: "blue square", 2: "red circle"}
     torch.manual_seed(0)
-    model = ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3,
-                                                      id2label=labels, label2id={v: k for k, v in labels.items()}))
+    model = ResNetForImageClassification(
+        ResNetConfig(
+            embedding_size=8,
+            hidden_sizes=[8, 16],
+            depths=[1, 1],
+            num_labels=3,
+            id2label=labels,
+            label2id={v: k for k, v in labels.items()},
+        )
+    )
     judge = ImageClassifierJudge(model, ViTImageProcessor(size={"height": 32, "width": 32}), batch_size=3)
     images = draw_images(pipe, "a red square", seed=0, num_images=5, **SAMPLING)
     probabilities = judge(images)
@@ -82,9 +92,13 @@ def test_evaluate_edits_compares_the_same_seeds_before_and_after_and_restores_th
     assert efficacy["source_after"] != efficacy["source_before"], "the edit changed nothing the test can see"
     summary = result.summary["efficacy"]
     assert summary["source_forget"] == pytest.approx(efficacy["source_before"] - efficacy["source_after"], abs=1e-4)
-    assert summary["source_to_destination"] == pytest.approx(efficacy["destination_after"] - efficacy["destination_before"], abs=1e-4)
+    assert summary["source_to_destination"] == pytest.approx(
+        efficacy["destination_after"] - efficacy["destination_before"], abs=1e-4
+    )
     specificity = result.rows[2]
-    assert result.summary["specificity"]["change"] == pytest.approx(specificity["source_after"] - specificity["source_before"], abs=1e-4)
+    assert result.summary["specificity"]["change"] == pytest.approx(
+        specificity["source_after"] - specificity["source_before"], abs=1e-4
+    )
     assert specificity["destination_before"] is None
 
     folder = result.save(tmp_path / "report")
@@ -116,8 +130,15 @@ def test_evaluate_edits_checks_concepts_first_and_removes_the_edits_when_drawing
     real_draw = metrics_module.draw_prompt_images
     monkeypatch.setattr(metrics_module, "draw_prompt_images", lambda *a, **k: draws.append(1) or real_draw(*a, **k))
     with pytest.raises(ValueError, match="no label for 'purple'"):
-        evaluate_edits(pipe, edits, BrightnessJudge(), [EvaluationPrompt("dog", "efficacy", "purple", "bright")],
-                       num_images=1, progress=False, **SAMPLING)
+        evaluate_edits(
+            pipe,
+            edits,
+            BrightnessJudge(),
+            [EvaluationPrompt("dog", "efficacy", "purple", "bright")],
+            num_images=1,
+            progress=False,
+            **SAMPLING,
+        )
     assert not draws, "images were drawn before the concepts were checked"
 
     def failing_after_the_first(*args, **kwargs):
@@ -128,8 +149,15 @@ def test_evaluate_edits_checks_concepts_first_and_removes_the_edits_when_drawing
 
     monkeypatch.setattr(metrics_module, "draw_prompt_images", failing_after_the_first)
     with pytest.raises(RuntimeError, match="out of memory"):
-        evaluate_edits(pipe, edits, BrightnessJudge(), [EvaluationPrompt("dog", "efficacy", "dark", "bright")],
-                       num_images=1, progress=False, **SAMPLING)
+        evaluate_edits(
+            pipe,
+            edits,
+            BrightnessJudge(),
+            [EvaluationPrompt("dog", "efficacy", "dark", "bright")],
+            num_images=1,
+            progress=False,
+            **SAMPLING,
+        )
     assert_pipeline_unchanged(pipe, state)
 
 
@@ -137,7 +165,10 @@ def test_evaluation_prompts_from_csv(tmp_path):
     path = tmp_path / "eval.csv"
     path.write_text("group,prompt,source,destination,seed\nefficacy,a dog,dog,cat,4\nspecificity,a car,car,,\n")
     prompts = load_evaluation_prompts(path)
-    assert prompts == [EvaluationPrompt("a dog", "efficacy", "dog", "cat", 4), EvaluationPrompt("a car", "specificity", "car")]
+    assert prompts == [
+        EvaluationPrompt("a dog", "efficacy", "dog", "cat", 4),
+        EvaluationPrompt("a car", "specificity", "car"),
+    ]
     path.write_text("group,prompt,source,destination\nefficacy,a dog,dog,\n")
     with pytest.raises(ValueError, match=r"eval.csv, line 2: .*needs a destination"):
         load_evaluation_prompts(path)

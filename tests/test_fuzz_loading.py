@@ -66,9 +66,27 @@ DEEP_JSON = "__emcid_fuzz_deep_json__"
 HUGE_INT_TEXT = "1" + "0" * 5000
 DEEP_JSON_TEXT = "[" * 100_000 + "]" * 100_000
 
-DTYPE_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32, "I16": 16, "I8": 8, "U64": 64,
-              "U32": 32, "U16": 16, "U8": 8, "BOOL": 8, "F8_E4M3": 8, "F8_E5M2": 8, "F8_E8M0": 8, "F4": 4, "F6_E2M3": 6,
-              "C64": 64}
+DTYPE_BITS = {
+    "F64": 64,
+    "F32": 32,
+    "F16": 16,
+    "BF16": 16,
+    "I64": 64,
+    "I32": 32,
+    "I16": 16,
+    "I8": 8,
+    "U64": 64,
+    "U32": 32,
+    "U16": 16,
+    "U8": 8,
+    "BOOL": 8,
+    "F8_E4M3": 8,
+    "F8_E5M2": 8,
+    "F8_E8M0": 8,
+    "F4": 4,
+    "F6_E2M3": 6,
+    "C64": 64,
+}
 
 
 # ----------------------------------------------------------------------------------------------- the valid folder
@@ -130,16 +148,28 @@ def build_fuzzing(workdir: Path) -> Fuzzing:
     edits = editor.edit([("dog", "cat"), ("apple", "banana")])
     folder = edits.save_pretrained(workdir / "valid")
     files = {key: (folder / name).read_bytes() for key, name in FILES.items()}
-    ids = pipe.tokenizer(PROMPTS, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         return_tensors="pt").input_ids
+    ids = pipe.tokenizer(
+        PROMPTS, padding="max_length", max_length=pipe.tokenizer.model_max_length, return_tensors="pt"
+    ).input_ids
     base = encode(pipe, PROMPTS)
     edits.apply(pipe, "reference")
     edited = encode(pipe, PROMPTS)
     edits.remove(pipe, "reference")
-    base_state = {name: {k: v.detach().clone() for k, v in getattr(pipe, name).state_dict().items()}
-                  for name in ("text_encoder", "unet", "vae")}
-    fuzzing = Fuzzing(files, load_safetensors_bytes(files["weights"]), pipe, ids, base, edited, base_state, workdir,
-                      collections.Counter())
+    base_state = {
+        name: {k: v.detach().clone() for k, v in getattr(pipe, name).state_dict().items()}
+        for name in ("text_encoder", "unet", "vae")
+    }
+    fuzzing = Fuzzing(
+        files,
+        load_safetensors_bytes(files["weights"]),
+        pipe,
+        ids,
+        base,
+        edited,
+        base_state,
+        workdir,
+        collections.Counter(),
+    )
     assert not fuzzing.problems() and torch.equal(fuzzing.encode(), base) and not torch.allclose(edited, base)
     return fuzzing
 
@@ -263,14 +293,15 @@ def rename(name: str, how: tuple) -> str:
     if kind == "leading_zero":
         return replace_layer_index(name, lambda index: "0" + index)
     if kind == "unicode_digit":  # the same index in Arabic-Indic digits
-        return replace_layer_index(name, lambda index: "".join(chr(0x660 + int(c)) if c.isascii() and c.isdigit() else c
-                                                               for c in index))
+        return replace_layer_index(
+            name, lambda index: "".join(chr(0x660 + int(c)) if c.isascii() and c.isdigit() else c for c in index)
+        )
     if kind == "layer":
         return replace_layer_index(name, lambda index: str(how[1]))
     if kind == "factor_swap":
         return name.replace(".down.", ".\0.").replace(".up.", ".down.").replace(".\0.", ".up.")
     if kind == "component":
-        return how[1] + name[name.index("."):] if "." in name else how[1]
+        return how[1] + name[name.index(".") :] if "." in name else how[1]
     if kind == "drop_text_model":
         return name.replace("text_model.", "", 1)
     if kind == "suffix":
@@ -377,8 +408,10 @@ def mutate_raw_header(data: bytes, mutation: tuple) -> bytes:
         else:
             header["__metadata__"] = mutation[3]
         return join_header(header, body)
-    names = sorted((k for k in header if k != "__metadata__" and isinstance(header[k], dict)),
-                   key=lambda k: str(header[k].get("data_offsets")))
+    names = sorted(
+        (k for k in header if k != "__metadata__" and isinstance(header[k], dict)),
+        key=lambda k: str(header[k].get("data_offsets")),
+    )
     if not names:
         return data
     info = header[names[mutation[2] % len(names)]]
@@ -427,8 +460,18 @@ def mutate_bytes(data: bytes, mutation: tuple) -> bytes:
     raise AssertionError(kind)
 
 
-LAYOUT_KINDS = {"retype", "reshape", "delete_tensor", "rename", "add_tensor", "rank", "metadata", "manifest",
-                "manifest_text", "lora_metadata"}
+LAYOUT_KINDS = {
+    "retype",
+    "reshape",
+    "delete_tensor",
+    "rename",
+    "add_tensor",
+    "rank",
+    "metadata",
+    "manifest",
+    "manifest_text",
+    "lora_metadata",
+}
 RAW_KINDS = {"raw_padding", "raw_metadata_value", "raw_shape", "raw_dtype", "raw_offsets"}
 WEIGHTS_ONLY = {"rank", "manifest", "manifest_text", "lora_metadata"}
 
@@ -473,41 +516,129 @@ DTYPES = st.sampled_from(sorted(DTYPE_BITS) + ["JUNK", "f32", ""])
 ANY_DTYPE = DTYPES | st.sampled_from([None, 4, ["F32"]])
 HUGE_SHAPES = [[10**9, 10**9], [2**31, 2**31], [2**32, 2**32], [2**64 - 1, 2], [2**64, 1], [2**61, 2], [2, 2**61]]
 SHAPES = st.one_of(
-    st.sampled_from(HUGE_SHAPES + [[-1, 64], [], [0], [0, 64], [64, 2], [1, 128], [128], [2, 64, 1], [2, 32], [32, 2],
-                                  [2, 2], [1, 64], [3, 64], [32, 1], [32, 3], [4, 32], [1, 32]]),
+    st.sampled_from(
+        HUGE_SHAPES
+        + [
+            [-1, 64],
+            [],
+            [0],
+            [0, 64],
+            [64, 2],
+            [1, 128],
+            [128],
+            [2, 64, 1],
+            [2, 32],
+            [32, 2],
+            [2, 2],
+            [1, 64],
+            [3, 64],
+            [32, 1],
+            [32, 3],
+            [4, 32],
+            [1, 32],
+        ]
+    ),
     st.lists(st.integers(0, 130), max_size=3),
 )
 TEXT = st.text(max_size=12) | st.sampled_from(["", " ", "dög → 猫", "\u202e", "\x00", "{}", "Ä" * 40])
 JSON_SCALARS = st.one_of(
-    st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.sampled_from([0, 1, -1, 2, 10**30, HUGE_INT, DEEP_JSON]),
-    st.floats(allow_nan=True, allow_infinity=True), TEXT,
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.sampled_from([0, 1, -1, 2, 10**30, HUGE_INT, DEEP_JSON]),
+    st.floats(allow_nan=True, allow_infinity=True),
+    TEXT,
 )
 JSON_VALUES = st.recursive(
     JSON_SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(TEXT, inner, max_size=3), max_leaves=5
 )
-PLAUSIBLE = st.sampled_from([
-    "1", 1.0, 2, 10**30, 0, -1, True, 1.5, [1], HUGE_INT, "diffusers-emcid", "peft", [0, 1, 2], [0, 1, 2, 3, 4],
-    [3, 2, 1, 0], [0, 0, 1, 2, 3], [0, 1, 2, 3.0], [True, 1, 2, 3], [-1, 0, 1, 2], [0, 1, 2, 3, 4000], 31, 33, 63, 65,
-    {"layers": [0, 1, 2, 3], "hidden_size": 32, "intermediate_size": 64}, [], {}, "0:-1", "memit", 0.6, 1.0, "float16",
-])
-MANIFEST_PATHS = st.sampled_from([
-    ("format",), ("format_version",), ("library_version",), ("base_model",), ("concepts",), ("concepts", 0),
-    ("concepts", 0, "source"), ("concepts", 1, "destination"), ("concepts", 0, "templates"),
-    ("concepts", 1, "templates", 0),
-    ("concepts", 0, "seed"), ("concepts", 1, "text_alignment"), ("concepts", 0, "num_images"), ("config",),
-    ("config", "layers"), ("config", "num_steps"), ("config", "edit_weight"), ("config", "residual"),
-    ("config", "dtype"),
-    ("config", "preset"), ("config", "new_field"), ("z_layer",), ("z_layers",), ("z_layers", "text_encoder"),
-    ("z_layers", "text_encoder_2"), ("concepts", 0, "use_real_noise"), ("components",), ("components", "text_encoder"),
-    ("components", "text_encoder", "layers"), ("components", "text_encoder", "layers", 0),
-    ("components", "text_encoder", "hidden_size"), ("components", "text_encoder", "intermediate_size"),
-    ("components", "text_encoder", "base_fingerprint"), ("components", "text_encoder_2"), ("components", "unet"),
-    ("storage_dtype",), ("storage_max_abs_error",), ("extra_field",),
-])
-CONCEPTS = st.fixed_dictionaries({
-    "source": TEXT | st.just("dög"), "destination": TEXT, "seed": st.integers(-5, 2**64) | st.booleans(),
-    "templates": st.lists(TEXT | st.just("a photo of {}"), max_size=2), "num_images": st.just(0),
-})
+PLAUSIBLE = st.sampled_from(
+    [
+        "1",
+        1.0,
+        2,
+        10**30,
+        0,
+        -1,
+        True,
+        1.5,
+        [1],
+        HUGE_INT,
+        "diffusers-emcid",
+        "peft",
+        [0, 1, 2],
+        [0, 1, 2, 3, 4],
+        [3, 2, 1, 0],
+        [0, 0, 1, 2, 3],
+        [0, 1, 2, 3.0],
+        [True, 1, 2, 3],
+        [-1, 0, 1, 2],
+        [0, 1, 2, 3, 4000],
+        31,
+        33,
+        63,
+        65,
+        {"layers": [0, 1, 2, 3], "hidden_size": 32, "intermediate_size": 64},
+        [],
+        {},
+        "0:-1",
+        "memit",
+        0.6,
+        1.0,
+        "float16",
+    ]
+)
+MANIFEST_PATHS = st.sampled_from(
+    [
+        ("format",),
+        ("format_version",),
+        ("library_version",),
+        ("base_model",),
+        ("concepts",),
+        ("concepts", 0),
+        ("concepts", 0, "source"),
+        ("concepts", 1, "destination"),
+        ("concepts", 0, "templates"),
+        ("concepts", 1, "templates", 0),
+        ("concepts", 0, "seed"),
+        ("concepts", 1, "text_alignment"),
+        ("concepts", 0, "num_images"),
+        ("config",),
+        ("config", "layers"),
+        ("config", "num_steps"),
+        ("config", "edit_weight"),
+        ("config", "residual"),
+        ("config", "dtype"),
+        ("config", "preset"),
+        ("config", "new_field"),
+        ("z_layer",),
+        ("z_layers",),
+        ("z_layers", "text_encoder"),
+        ("z_layers", "text_encoder_2"),
+        ("concepts", 0, "use_real_noise"),
+        ("components",),
+        ("components", "text_encoder"),
+        ("components", "text_encoder", "layers"),
+        ("components", "text_encoder", "layers", 0),
+        ("components", "text_encoder", "hidden_size"),
+        ("components", "text_encoder", "intermediate_size"),
+        ("components", "text_encoder", "base_fingerprint"),
+        ("components", "text_encoder_2"),
+        ("components", "unet"),
+        ("storage_dtype",),
+        ("storage_max_abs_error",),
+        ("extra_field",),
+    ]
+)
+CONCEPTS = st.fixed_dictionaries(
+    {
+        "source": TEXT | st.just("dög"),
+        "destination": TEXT,
+        "seed": st.integers(-5, 2**64) | st.booleans(),
+        "templates": st.lists(TEXT | st.just("a photo of {}"), max_size=2),
+        "num_images": st.just(0),
+    }
+)
 MANIFEST_EDITS = st.one_of(
     st.tuples(st.just("set"), MANIFEST_PATHS, JSON_VALUES | PLAUSIBLE),
     st.tuples(st.just("delete"), MANIFEST_PATHS),
@@ -525,16 +656,24 @@ RENAMES = st.one_of(
     st.tuples(st.just("replace"), TEXT | st.sampled_from(["__metadata__", "text_encoder"])),
 )
 METADATA_OPS = st.one_of(
-    st.tuples(st.just("delete"),
-              st.sampled_from(["emcid_companion_digest", "format", "emcid_manifest", "lora_adapter_metadata"])),
+    st.tuples(
+        st.just("delete"),
+        st.sampled_from(["emcid_companion_digest", "format", "emcid_manifest", "lora_adapter_metadata"]),
+    ),
     st.tuples(st.just("set"), st.sampled_from(["emcid_companion_digest", "format", "new_key", ""]), TEXT),
     st.just(("none",)),
 )
 OFFSET_OPS = st.one_of(
     st.tuples(st.just("swap"), st.integers(0, 8)),
-    st.tuples(st.just("value"), st.tuples(st.integers(-10, 2**13) | st.sampled_from([2**63, 2**64 - 1, 2**64, 1.5]),
-                                           st.integers(-10, 2**13) | st.sampled_from([2**63, 2**64 - 1, 2**64]))),
-    st.just(("reverse",)), st.just(("overlap",)),
+    st.tuples(
+        st.just("value"),
+        st.tuples(
+            st.integers(-10, 2**13) | st.sampled_from([2**63, 2**64 - 1, 2**64, 1.5]),
+            st.integers(-10, 2**13) | st.sampled_from([2**63, 2**64 - 1, 2**64]),
+        ),
+    ),
+    st.just(("reverse",)),
+    st.just(("overlap",)),
     st.tuples(st.just("shift"), st.integers(-64, 64).filter(bool)),
 )
 INDEX = st.integers(0, 15)
@@ -543,14 +682,20 @@ INDEX = st.integers(0, 15)
 def byte_mutations(files: st.SearchStrategy[str]) -> st.SearchStrategy[tuple]:
     """Bytes of one of `files` flipped, overwritten, cut off or appended, or its header length field rewritten."""
     return st.one_of(
-        st.tuples(st.just("flip"), files,
-                  st.lists(st.tuples(POSITIONS, st.integers(1, 255)), min_size=1, max_size=4).map(tuple)),
+        st.tuples(
+            st.just("flip"),
+            files,
+            st.lists(st.tuples(POSITIONS, st.integers(1, 255)), min_size=1, max_size=4).map(tuple),
+        ),
         st.tuples(st.just("overwrite"), files, POSITIONS, SMALL_BYTES),
         st.tuples(st.just("truncate"), files, POSITIONS),
         st.tuples(st.just("append"), files, SMALL_BYTES),
-        st.tuples(st.just("header_length"), files,
-                  st.tuples(st.just("delta"), st.integers(-64, 64).filter(bool))
-                  | st.tuples(st.just("value"), st.sampled_from([0, 1, 7, 8, 2**31, 2**32, 2**63, 2**64 - 1]))),
+        st.tuples(
+            st.just("header_length"),
+            files,
+            st.tuples(st.just("delta"), st.integers(-64, 64).filter(bool))
+            | st.tuples(st.just("value"), st.sampled_from([0, 1, 7, 8, 2**31, 2**32, 2**63, 2**64 - 1])),
+        ),
     )
 
 
@@ -561,11 +706,19 @@ def raw_header_mutations(files: st.SearchStrategy[str], metadata_keys: list[str]
         st.tuples(st.just("raw_shape"), files, INDEX, SHAPES),
         st.tuples(st.just("raw_dtype"), files, INDEX, ANY_DTYPE),
         st.tuples(st.just("raw_offsets"), files, INDEX, OFFSET_OPS),
-        st.tuples(st.just("raw_padding"), files,
-                  st.just(("strip",)) | st.tuples(st.just("extra"), st.integers(1, 9))
-                  | st.tuples(st.just("char"), st.sampled_from(["\x00", "\n", "x", "\t"]))),
-        st.tuples(st.just("raw_metadata_value"), files, st.sampled_from(metadata_keys),
-                  st.sampled_from([1, None, [], {}, True, 1.5])),
+        st.tuples(
+            st.just("raw_padding"),
+            files,
+            st.just(("strip",))
+            | st.tuples(st.just("extra"), st.integers(1, 9))
+            | st.tuples(st.just("char"), st.sampled_from(["\x00", "\n", "x", "\t"])),
+        ),
+        st.tuples(
+            st.just("raw_metadata_value"),
+            files,
+            st.sampled_from(metadata_keys),
+            st.sampled_from([1, None, [], {}, True, 1.5]),
+        ),
     )
 
 
@@ -583,30 +736,58 @@ def tensor_mutations(files: st.SearchStrategy[str], added_names: st.SearchStrate
 BYTE_MUTATIONS = byte_mutations(SAFETENSORS_FILES)
 RAW_HEADER_MUTATIONS = raw_header_mutations(SAFETENSORS_FILES, ["format", "emcid_manifest", "x"])
 LAYOUT_MUTATIONS = st.one_of(
-    tensor_mutations(SAFETENSORS_FILES, st.sampled_from([
-        "text_encoder.text_model.encoder.layers.4.mlp.fc2.lora_linear_layer.down.weight",
-        "text_encoder.text_model.encoder.layers.0.mlp.fc1.lora_linear_layer.up.weight",
-        "text_encoder_2.text_model.encoder.layers.0.mlp.fc2.lora_linear_layer.up.weight",
-        "text_encoder", "text_encoder_2", "unet.x", ""]) | TEXT),
+    tensor_mutations(
+        SAFETENSORS_FILES,
+        st.sampled_from(
+            [
+                "text_encoder.text_model.encoder.layers.4.mlp.fc2.lora_linear_layer.down.weight",
+                "text_encoder.text_model.encoder.layers.0.mlp.fc1.lora_linear_layer.up.weight",
+                "text_encoder_2.text_model.encoder.layers.0.mlp.fc2.lora_linear_layer.up.weight",
+                "text_encoder",
+                "text_encoder_2",
+                "unet.x",
+                "",
+            ]
+        )
+        | TEXT,
+    ),
     st.tuples(st.just("rank"), st.just("weights"), INDEX, st.integers(0, 4)),
     st.tuples(st.just("metadata"), SAFETENSORS_FILES, METADATA_OPS),
 )
 MANIFEST_MUTATIONS = st.one_of(
     st.tuples(st.just("manifest"), st.lists(MANIFEST_EDITS, min_size=1, max_size=3).map(tuple), st.booleans()),
-    st.tuples(st.just("manifest_text"),
-              st.sampled_from(["", "null", "[]", "{}", "{not json", '"text"', "1e999", DEEP_JSON,
-                               '{"format": "diffusers-emcid", "format_version": 1}'])
-              | TEXT | st.tuples(st.just("prefix"), st.integers(0, 2000))),
+    st.tuples(
+        st.just("manifest_text"),
+        st.sampled_from(
+            [
+                "",
+                "null",
+                "[]",
+                "{}",
+                "{not json",
+                '"text"',
+                "1e999",
+                DEEP_JSON,
+                '{"format": "diffusers-emcid", "format_version": 1}',
+            ]
+        )
+        | TEXT
+        | st.tuples(st.just("prefix"), st.integers(0, 2000)),
+    ),
     st.tuples(st.just("lora_metadata"), st.none() | TEXT | JSON_VALUES.map(render_json)),
 )
 COMPANION_MUTATIONS = st.one_of(
-    st.tuples(st.just("companion"), st.sampled_from(["manifest_json", "card"]),
-              st.tuples(st.just("replace"), st.binary(max_size=32)) | st.tuples(st.just("truncate"), POSITIONS)),
+    st.tuples(
+        st.just("companion"),
+        st.sampled_from(["manifest_json", "card"]),
+        st.tuples(st.just("replace"), st.binary(max_size=32)) | st.tuples(st.just("truncate"), POSITIONS),
+    ),
     st.tuples(st.just("delete_file"), st.sampled_from(["manifest_json", "card", "vectors"])),
 )
 MUTATIONS = st.lists(
     st.one_of(BYTE_MUTATIONS, RAW_HEADER_MUTATIONS, LAYOUT_MUTATIONS, MANIFEST_MUTATIONS, COMPANION_MUTATIONS),
-    min_size=1, max_size=3,
+    min_size=1,
+    max_size=3,
 )
 
 # Minimal examples that this fuzz test found raising other exceptions than ConceptEditsLoadError, before the
@@ -697,10 +878,12 @@ def load_and_check(fuzzing: Fuzzing, folder: Path, files: dict[str, bytes | None
         assert torch.equal(fuzzing.encode(), fuzzing.base)
         if read_error is None:  # the files are fine, so only the fit to the pipeline can fail
             assert isinstance(error, BaseModelMismatchError), (
-                f"from_pretrained loaded it but load_concept_edits raised {error!r}")
+                f"from_pretrained loaded it but load_concept_edits raised {error!r}"
+            )
         else:  # (the messages may differ: safetensors names whichever bad tensor it meets first, in hash order)
             assert type(error) is type(read_error), (
-                f"from_pretrained raised {read_error!r} but load_concept_edits {error!r}")
+                f"from_pretrained raised {read_error!r} but load_concept_edits {error!r}"
+            )
         return type(error).__name__
 
     assert read_error is None, f"load_concept_edits loaded what from_pretrained refused ({read_error!r})"
@@ -710,7 +893,8 @@ def load_and_check(fuzzing: Fuzzing, folder: Path, files: dict[str, bytes | None
         outcome = "loaded"
         difference = (output - fuzzing.edited).abs().max().item()
         assert difference <= OUTPUT_ATOL, (
-            f"the loaded edits give other outputs than the valid ones (max abs diff {difference})")
+            f"the loaded edits give other outputs than the valid ones (max abs diff {difference})"
+        )
     else:
         outcome = "loaded_changed"
         # A factor that a mutation made finite but enormous (a flipped exponent bit) legitimately overflows float32
@@ -723,7 +907,8 @@ def load_and_check(fuzzing: Fuzzing, folder: Path, files: dict[str, bytes | None
     problems = fuzzing.problems()
     assert not problems, f"unload_concept_edits() did not restore the pipeline: {problems}"
     assert torch.equal(fuzzing.encode(), fuzzing.base), (
-        "unload_concept_edits() did not give the base outputs back bitwise")
+        "unload_concept_edits() did not give the base outputs back bitwise"
+    )
     return outcome
 
 
@@ -772,7 +957,7 @@ def slow_fuzzing(fuzzing):
         print_counts(fuzzing, "slow loading fuzz", time.monotonic() - start)
 
 
-# ----------------------------------------------------------------------------------------------- former bugs, one by one
+# ------------------------------------------------------------------------------------------ former bugs, one by one
 
 
 @pytest.mark.parametrize("mutations", [pytest.param(mutations, id=name) for name, mutations in REGRESSIONS])
@@ -854,15 +1039,17 @@ def test_a_huge_declared_tensor_is_refused_without_allocating_it(fuzzing, tmp_pa
         for key, data in files.items():
             (folders[-1] / FILES[key]).write_bytes(data)
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
-    child = subprocess.run([sys.executable, "-c", CHILD, *map(str, folders)], capture_output=True, text=True,
-                           timeout=300, env=env)
+    child = subprocess.run(
+        [sys.executable, "-c", CHILD, *map(str, folders)], capture_output=True, text=True, timeout=300, env=env
+    )
     assert child.returncode == 0, f"the child failed ({child.returncode}):\n{child.stdout}\n{child.stderr[-3000:]}"
     refused = [line for line in child.stdout.splitlines() if line.startswith("REFUSED")]
     assert len(refused) == 2 * len(folders), child.stdout
     for folder in folders:
         assert sum(line.startswith(f"REFUSED {folder} ") for line in refused) == 2, child.stdout
     assert not any("alloc" in line.lower() or "memory" in line.lower() for line in refused), (
-        f"the loader tried to allocate a declared tensor:\n{child.stdout}")
+        f"the loader tried to allocate a declared tensor:\n{child.stdout}"
+    )
     max_rss_kb = int(child.stdout.split("MAXRSS_KB")[1].split()[0])
     assert max_rss_kb < 1024**2, f"the child used {max_rss_kb} kB"
 
@@ -871,26 +1058,63 @@ def test_a_huge_declared_tensor_is_refused_without_allocating_it(fuzzing, tmp_pa
 
 STATISTICS_NAMES = [statistics_file_name("text_encoder", layer) for layer in range(4)]
 STATISTICS_FILES = st.sampled_from(STATISTICS_NAMES)
-STATISTICS_METADATA_KEYS = ["format", "emcid_format", "emcid_format_version", "library_version", "component", "layer",
-                            "model_fingerprint", "model_dtype", "caption_set", "num_captions", "num_tokens",
-                            "statistics_positions", "statistics_padding_weight", "emcid_digest", "base_model"]
-STATISTICS_VALUES = TEXT | st.sampled_from(["1", "2", "0", "-1", "64", "1e999", "nan", "1.0", "0.5", "paper",
-                                            "pipeline", "float16", "text_encoder_2", "emcid-key-statistics", "0" * 64])
+STATISTICS_METADATA_KEYS = [
+    "format",
+    "emcid_format",
+    "emcid_format_version",
+    "library_version",
+    "component",
+    "layer",
+    "model_fingerprint",
+    "model_dtype",
+    "caption_set",
+    "num_captions",
+    "num_tokens",
+    "statistics_positions",
+    "statistics_padding_weight",
+    "emcid_digest",
+    "base_model",
+]
+STATISTICS_VALUES = TEXT | st.sampled_from(
+    [
+        "1",
+        "2",
+        "0",
+        "-1",
+        "64",
+        "1e999",
+        "nan",
+        "1.0",
+        "0.5",
+        "paper",
+        "pipeline",
+        "float16",
+        "text_encoder_2",
+        "emcid-key-statistics",
+        "0" * 64,
+    ]
+)
 STATISTICS_MUTATIONS = st.lists(
     st.one_of(
         byte_mutations(STATISTICS_FILES),
         raw_header_mutations(STATISTICS_FILES, STATISTICS_METADATA_KEYS + ["x"]),
         tensor_mutations(STATISTICS_FILES, st.sampled_from(["covariance", "covariance ", "mom2", ""]) | TEXT),
-        st.tuples(st.just("metadata"), STATISTICS_FILES,
-                  st.tuples(st.just("delete"), st.sampled_from(STATISTICS_METADATA_KEYS))
-                  | st.tuples(st.just("set"), st.sampled_from([*STATISTICS_METADATA_KEYS, "new_key"]),
-                              STATISTICS_VALUES)
-                  | st.just(("none",))),
-        st.tuples(st.just("companion"), st.just("README.md"),
-                  st.tuples(st.just("replace"), st.binary(max_size=32)) | st.tuples(st.just("truncate"), POSITIONS)),
+        st.tuples(
+            st.just("metadata"),
+            STATISTICS_FILES,
+            st.tuples(st.just("delete"), st.sampled_from(STATISTICS_METADATA_KEYS))
+            | st.tuples(st.just("set"), st.sampled_from([*STATISTICS_METADATA_KEYS, "new_key"]), STATISTICS_VALUES)
+            | st.just(("none",)),
+        ),
+        st.tuples(
+            st.just("companion"),
+            st.just("README.md"),
+            st.tuples(st.just("replace"), st.binary(max_size=32)) | st.tuples(st.just("truncate"), POSITIONS),
+        ),
         st.tuples(st.just("delete_file"), st.sampled_from(STATISTICS_NAMES + ["README.md"])),
     ),
-    min_size=1, max_size=3,
+    min_size=1,
+    max_size=3,
 )
 
 
@@ -918,8 +1142,9 @@ def statistics_fuzzing(fuzzing) -> StatisticsFuzzing:
     files = {path.name: path.read_bytes() for path in folder.iterdir()}
     assert sorted(files) == ["README.md", *STATISTICS_NAMES]
     statistics = editor.statistics.known["text_encoder"]
-    return StatisticsFuzzing(files, statistics.covariances, statistics.num_tokens, fuzzing, config,
-                             collections.Counter())
+    return StatisticsFuzzing(
+        files, statistics.covariances, statistics.num_tokens, fuzzing, config, collections.Counter()
+    )
 
 
 def check_statistics_example(statistics_fuzzing: StatisticsFuzzing, mutations: list[tuple]) -> str:
@@ -934,23 +1159,27 @@ def check_statistics_example(statistics_fuzzing: StatisticsFuzzing, mutations: l
         for name, data in files.items():
             if data is not None:
                 (folder / name).write_bytes(data)
-        editor = EMCIDEditor(statistics_fuzzing.fuzzing.pipe, statistics_fuzzing.config, cache_dir=workdir / "cache",
-                             progress=False)
+        editor = EMCIDEditor(
+            statistics_fuzzing.fuzzing.pipe, statistics_fuzzing.config, cache_dir=workdir / "cache", progress=False
+        )
         with time_limit(EXAMPLE_TIMEOUT_S):
             try:
                 loaded = editor.load_statistics(folder)
             except ValueError as error:
                 assert str(error).strip(), "empty error message"
                 assert isinstance(error, (EMCIDFormatError, BaseModelMismatchError)) or (
-                    type(error) is ValueError and "statistics_positions" in str(error)), f"unexpected {error!r}"
+                    type(error) is ValueError and "statistics_positions" in str(error)
+                ), f"unexpected {error!r}"
                 assert not editor.statistics.known and not list((workdir / "cache").rglob("*.safetensors")), (
-                    f"refused statistics ({error}) were taken in")
+                    f"refused statistics ({error}) were taken in"
+                )
                 outcome = type(error).__name__
             else:
                 valid = statistics_fuzzing.covariances
                 assert loaded["text_encoder"].keys() == valid.keys()
                 assert all(torch.equal(loaded["text_encoder"][layer], valid[layer]) for layer in valid), (
-                    "loaded statistics differ from the valid ones")
+                    "loaded statistics differ from the valid ones"
+                )
                 assert editor.statistics.known["text_encoder"].num_tokens == statistics_fuzzing.num_tokens
                 outcome = "loaded"
     finally:
@@ -978,4 +1207,5 @@ def test_the_statistics_mutations_keep_a_valid_folder_valid_when_they_change_not
     assert serialize_layout(*parse_layout(data)) == data
     assert check_statistics_example(statistics_fuzzing, [("companion", "README.md", ("truncate", 10))]) == "loaded"
     assert check_statistics_example(statistics_fuzzing, [("flip", STATISTICS_NAMES[1], ((-1, 1),))]) == (
-        "EMCIDFormatError")
+        "EMCIDFormatError"
+    )

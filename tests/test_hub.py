@@ -63,8 +63,10 @@ def test_pushed_manifest_names_no_local_path_and_no_token(edits, hub, tmp_path, 
     repo = f"alice/paths-{family}"
     edits.push_to_hub(repo, token=hub.token)
     folder = HfApi(endpoint=hub.endpoint, token=hub.token).snapshot_download(repo, cache_dir=tmp_path / "c")
-    texts = [open(f"{folder}/{name}", encoding="utf-8", errors="replace").read()
-             for name in ("emcid_manifest.json", "README.md")]
+    texts = [
+        open(f"{folder}/{name}", encoding="utf-8", errors="replace").read()
+        for name in ("emcid_manifest.json", "README.md")
+    ]
     assert json.loads(texts[0])["base_model"] is None
     for text in texts:
         assert str(tmp_path) not in text and hub.token not in text

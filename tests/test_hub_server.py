@@ -1,4 +1,5 @@
-"""The loopback Hub (tests/hub_server.py) driven by the real huggingface_hub client, as the package's Hub tests use it."""
+"""The loopback Hub (tests/hub_server.py) driven by the real huggingface_hub client, as the package's Hub tests
+use it."""
 
 from __future__ import annotations
 
@@ -85,8 +86,11 @@ def test_public_repo_upload_and_download(hub: LoopbackHub, api: HfApi, tmp_path:
     assert url == f"{hub.endpoint}/emcid-tests/public-model" and url.repo_id == "emcid-tests/public-model"
     blob = weights(0)
     files = {"README.md": README, "config.json": '{"rank": 4}', "unet/adapter.safetensors": blob}
-    info = api.upload_folder(repo_id="emcid-tests/public-model", folder_path=write_files(tmp_path / "src", files),
-                             commit_message="Add adapter")
+    info = api.upload_folder(
+        repo_id="emcid-tests/public-model",
+        folder_path=write_files(tmp_path / "src", files),
+        commit_message="Add adapter",
+    )
     assert any(r.startswith("POST /api/validate-yaml") for r in hub.requests)  # the README's front matter passed
     assert hub.commits("emcid-tests/public-model")[-1].oid == info.oid
 
@@ -94,15 +98,22 @@ def test_public_repo_upload_and_download(hub: LoopbackHub, api: HfApi, tmp_path:
     for name, content in files.items():
         expected = content.encode() if isinstance(content, str) else content
         assert download(hub, "emcid-tests/public-model", name, tmp_path / "cache", token=False) == expected
-    tree = {f.path: f for f in api.list_repo_tree("emcid-tests/public-model", recursive=True)
-            if isinstance(f, huggingface_hub.hf_api.RepoFile)}
+    tree = {
+        f.path: f
+        for f in api.list_repo_tree("emcid-tests/public-model", recursive=True)
+        if isinstance(f, huggingface_hub.hf_api.RepoFile)
+    }
     assert tree["unet/adapter.safetensors"].lfs.sha256 == hashlib.sha256(blob).hexdigest()
     assert tree["config.json"].lfs is None
 
     folder = Path(snapshot_download("emcid-tests/public-model", cache_dir=tmp_path / "snap", token=False))
     assert folder.name == info.oid
     assert sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()) == [
-        ".gitattributes", "README.md", "config.json", "unet/adapter.safetensors"]
+        ".gitattributes",
+        "README.md",
+        "config.json",
+        "unet/adapter.safetensors",
+    ]
     assert (folder / "unet/adapter.safetensors").read_bytes() == blob
 
 
@@ -120,8 +131,11 @@ def test_create_repo_exist_ok_and_delete(hub: LoopbackHub, api: HfApi):
 
 def test_private_repo_needs_the_token(hub: LoopbackHub, api: HfApi, tmp_path: Path):
     api.create_repo("emcid-tests/private-model", private=True)
-    api.upload_folder(repo_id="emcid-tests/private-model", commit_message="secret",
-                      folder_path=write_files(tmp_path / "src", {"secret.txt": "s3cret"}))
+    api.upload_folder(
+        repo_id="emcid-tests/private-model",
+        commit_message="secret",
+        folder_path=write_files(tmp_path / "src", {"secret.txt": "s3cret"}),
+    )
 
     anonymous = HfApi(endpoint=hub.endpoint, token=False)
     with pytest.raises(RepositoryNotFoundError):
@@ -131,8 +145,7 @@ def test_private_repo_needs_the_token(hub: LoopbackHub, api: HfApi, tmp_path: Pa
     with pytest.raises(RepositoryNotFoundError):
         snapshot_download("emcid-tests/private-model", cache_dir=tmp_path / "anon", token=False)
     with pytest.raises(RepositoryNotFoundError):  # nor can it be written to
-        anonymous.upload_folder(repo_id="emcid-tests/private-model", commit_message="x",
-                                folder_path=tmp_path / "src")
+        anonymous.upload_folder(repo_id="emcid-tests/private-model", commit_message="x", folder_path=tmp_path / "src")
     with pytest.raises(HfHubHTTPError) as wrong_token:
         HfApi(endpoint=hub.endpoint, token="hf_wrong").model_info("emcid-tests/private-model")
     assert wrong_token.value.response.status_code == 401
@@ -157,8 +170,16 @@ def test_revisions_select_the_right_file_version(hub: LoopbackHub, api: HfApi, t
     pr = commit("proposal", create_pr=True)
     assert pr.pr_revision == "refs/pr/1"
 
-    expected = {None: "v2", "main": "v2", first.oid: "v1", second.oid: "v2", "feature/x": "branch",
-                "v1.0": "v1", "refs/pr/1": "proposal", on_branch.oid[:12]: "branch"}
+    expected = {
+        None: "v2",
+        "main": "v2",
+        first.oid: "v1",
+        second.oid: "v2",
+        "feature/x": "branch",
+        "v1.0": "v1",
+        "refs/pr/1": "proposal",
+        on_branch.oid[:12]: "branch",
+    }
     for revision, text in expected.items():
         kwargs = {} if revision is None else {"revision": revision}
         assert download(hub, repo, "notes/version.txt", tmp_path / "cache", **kwargs) == text.encode(), revision
@@ -172,7 +193,12 @@ def test_revisions_select_the_right_file_version(hub: LoopbackHub, api: HfApi, t
     assert [p.ref for p in refs.pull_requests] == ["refs/pr/1"]
     assert [c.commit_id for c in api.list_repo_commits(repo)][:2] == [second.oid, first.oid]
     assert [(c.ref, c.title) for c in hub.commits(repo)] == [
-        ("main", "initial commit"), ("main", "v1"), ("main", "v2"), ("feature/x", "branch"), ("refs/pr/1", "proposal")]
+        ("main", "initial commit"),
+        ("main", "v1"),
+        ("main", "v2"),
+        ("feature/x", "branch"),
+        ("refs/pr/1", "proposal"),
+    ]
 
     with pytest.raises(RevisionNotFoundError):
         download(hub, repo, "notes/version.txt", tmp_path / "cache", revision="no-such-branch")
@@ -212,9 +238,13 @@ def test_identical_lfs_content_is_not_uploaded_again(hub: LoopbackHub, api: HfAp
 def test_delete_operations(hub: LoopbackHub, api: HfApi, tmp_path: Path):
     repo = "emcid-tests/deletions"
     api.create_repo(repo)
-    api.upload_folder(repo_id=repo, commit_message="files",
-                      folder_path=write_files(tmp_path / "src", {"keep.txt": "k", "old/a.txt": "a", "old/b.txt": "b",
-                                                                 "gone.txt": "g"}))
+    api.upload_folder(
+        repo_id=repo,
+        commit_message="files",
+        folder_path=write_files(
+            tmp_path / "src", {"keep.txt": "k", "old/a.txt": "a", "old/b.txt": "b", "gone.txt": "g"}
+        ),
+    )
     api.delete_file("gone.txt", repo_id=repo)
     api.delete_folder("old", repo_id=repo)
     assert sorted(api.list_repo_files(repo)) == [".gitattributes", "keep.txt"]
@@ -226,9 +256,11 @@ def test_listings_metadata_and_settings(hub: LoopbackHub, api: HfApi, tmp_path: 
     repo = "emcid-tests/listings"
     api.create_repo(repo)
     blob = weights(3)
-    api.upload_folder(repo_id=repo, commit_message="files",
-                      folder_path=write_files(tmp_path / "src", {"a.txt": "a", "unet/w.safetensors": blob,
-                                                                 "unet/sub/c.txt": "c"}))
+    api.upload_folder(
+        repo_id=repo,
+        commit_message="files",
+        folder_path=write_files(tmp_path / "src", {"a.txt": "a", "unet/w.safetensors": blob, "unet/sub/c.txt": "c"}),
+    )
     root = {f.path: type(f).__name__ for f in api.list_repo_tree(repo)}
     assert root == {".gitattributes": "RepoFile", "a.txt": "RepoFile", "unet": "RepoFolder"}
     assert {f.path for f in api.list_repo_tree(repo, path_in_repo="unet")} == {"unet/w.safetensors", "unet/sub"}

@@ -1,6 +1,5 @@
 """Every kind of edit of the paper (update, erase, rectify, debias) on SD 1.x, SD 2.x and SD-XL pipelines."""
 
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -35,8 +34,15 @@ def subject_states(pipe, prompts, word):
 def test_erase_moves_the_erased_word_towards_the_destination(pipe, tmp_path):
     """On a random tiny UNet the distillation signal is weak next to the regularisers, so they are off here and
     stage 1 follows the noise-matching loss alone; MEMIT's residual then carries z to the z layer exactly."""
-    config = EMCIDConfig.from_preset("sd1-artists", num_steps=100, image_num_inference_steps=2, learning_rate=0.02,
-                                     weight_decay=0.0, text_alignment_weight=0.0, residual="memit")
+    config = EMCIDConfig.from_preset(
+        "sd1-artists",
+        num_steps=100,
+        image_num_inference_steps=2,
+        learning_rate=0.02,
+        weight_decay=0.0,
+        text_alignment_weight=0.0,
+        residual="memit",
+    )
     editor = EMCIDEditor(pipe, config, cache_dir=tmp_path, progress=False)
     editor.compute_statistics(CAPTIONS * 3)
     templates = ["painting by {}", "artwork by {}", "style of {}"]
@@ -50,7 +56,9 @@ def test_erase_moves_the_erased_word_towards_the_destination(pipe, tmp_path):
         new = subject_states(pipe, [t.format(word) for t in templates], word)[0]
         gain = F.cosine_similarity(new, destination) - F.cosine_similarity(old, destination)
         distance = ((new - destination).norm(dim=-1) / (old - destination).norm(dim=-1)).mean().item()
-        assert (gain > 0.001).all() and distance < 0.95, f"{word}: cosine gain {gain.tolist()}, distance ratio {distance:.3f}"
+        assert (gain > 0.001).all() and distance < 0.95, (
+            f"{word}: cosine gain {gain.tolist()}, distance ratio {distance:.3f}"
+        )
         edited_move = ((new - old).norm(dim=-1) / old.norm(dim=-1)).mean().item()
     control_after = subject_states(pipe, control, "a")[1]
     control_move = ((control_after - control_before).norm(dim=-1) / control_before.norm(dim=-1))[real].mean().item()
@@ -84,8 +92,12 @@ def test_rectify_trains_against_the_true_noise_of_the_given_images(editor, pipe)
 def test_true_noise_target_follows_the_prediction_type(tmp_path):
     """SD 2.x predicts v: the true-noise target must then be the velocity, not the noise."""
     pipe = tiny_sd2_pipeline()
-    editor = EMCIDEditor(pipe, EMCIDConfig.from_preset("sd1-paper", num_steps=3, image_num_inference_steps=2),
-                         cache_dir=tmp_path, progress=False)
+    editor = EMCIDEditor(
+        pipe,
+        EMCIDConfig.from_preset("sd1-paper", num_steps=3, image_num_inference_steps=2),
+        cache_dir=tmp_path,
+        progress=False,
+    )
     editor.compute_statistics(CAPTIONS * 3)
     seen = []
     import diffusers_emcid.stage1 as stage1
@@ -135,7 +147,11 @@ def test_debias_blends_until_the_judge_is_balanced_and_gives_one_adapter(editor,
 
 def round_trip(pipe, editor, prompts):
     state = model_state(pipe)
-    base = {c: encode_component(pipe, c, prompts) for c in ("text_encoder", "text_encoder_2") if getattr(pipe, c, None) is not None}
+    base = {
+        c: encode_component(pipe, c, prompts)
+        for c in ("text_encoder", "text_encoder_2")
+        if getattr(pipe, c, None) is not None
+    }
     edits = editor.edit([("dog", "cat"), ("apple", "banana")])
     assert_pipeline_unchanged(pipe, state)
     edits.apply(pipe)
@@ -155,8 +171,12 @@ def encode_component(pipe, component, prompts):
 
 def test_sd2_edit_apply_remove(tmp_path):
     pipe = tiny_sd2_pipeline(num_hidden_layers=7)
-    editor = EMCIDEditor(pipe, EMCIDConfig.from_preset("sd1-paper", num_steps=3, image_num_inference_steps=2),
-                         cache_dir=tmp_path, progress=False)
+    editor = EMCIDEditor(
+        pipe,
+        EMCIDConfig.from_preset("sd1-paper", num_steps=3, image_num_inference_steps=2),
+        cache_dir=tmp_path,
+        progress=False,
+    )
     assert editor.layers == [0, 1, 2, 3, 4, 5] and editor.layout.intermediate_size == 128
     editor.compute_statistics(CAPTIONS * 3)
     round_trip(pipe, editor, ["a photo of a dog"])
@@ -176,9 +196,18 @@ def test_sdxl_is_detected_with_both_encoders_and_their_own_settings(sdxl):
     assert editor.config.preset == "sdxl-paper"
     assert EMCIDEditor(pipe, progress=False).config.preset == "sdxl-paper"
     (first, second) = editor.encoders
-    assert (first.component, first.layers, first.z_layer, first.preservation_weight) == ("text_encoder", [1, 2, 3], 3, 4000.0)
+    assert (first.component, first.layers, first.z_layer, first.preservation_weight) == (
+        "text_encoder",
+        [1, 2, 3],
+        3,
+        4000.0,
+    )
     assert (second.component, second.layers, second.z_layer, second.preservation_weight) == (
-        "text_encoder_2", [1, 2, 3, 4, 5], 5, 10000.0)
+        "text_encoder_2",
+        [1, 2, 3, 4, 5],
+        5,
+        10000.0,
+    )
     assert first.conditioning == second.conditioning == "penultimate"
 
 
@@ -205,8 +234,15 @@ def test_sdxl_paper_draws_at_the_pipelines_size_and_trains_at_half_of_it(sdxl):
     request = ConceptEdit("dog", "cat", templates=["a photo of {}"], seed=3)
     (images,) = training_images(pipe, [request], editor.config)
     assert image_resolution(pipe, editor.config) == 64 and images.shape[-2:] == (32, 32)
-    drawn = pipe(["a photo of dog"], num_inference_steps=2, guidance_scale=editor.config.image_guidance_scale,
-                 height=64, width=64, generator=[torch.Generator().manual_seed(3)], output_type="pt").images
+    drawn = pipe(
+        ["a photo of dog"],
+        num_inference_steps=2,
+        guidance_scale=editor.config.image_guidance_scale,
+        height=64,
+        width=64,
+        generator=[torch.Generator().manual_seed(3)],
+        output_type="pt",
+    ).images
     expected = F.interpolate(drawn, size=(32, 32), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
     torch.testing.assert_close(images[0, 0], expected[0], rtol=0, atol=1e-5)
 
@@ -220,8 +256,9 @@ def test_sdxl_round_trip_and_the_second_encoder_gets_its_delta_once(sdxl):
             for layer, delta in deltas.items():
                 layout.fc2(layer).weight += delta.up @ delta.down
     for component in base:
-        torch.testing.assert_close(applied[component], encode_component(pipe, component, ["a photo of a dog", "a red car"]),
-                                   rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            applied[component], encode_component(pipe, component, ["a photo of a dog", "a red car"]), rtol=0, atol=1e-5
+        )
 
 
 def test_sdxl_adapter_loads_with_plain_diffusers_and_toggles_per_encoder(sdxl, tmp_path):
@@ -231,12 +268,20 @@ def test_sdxl_adapter_loads_with_plain_diffusers_and_toggles_per_encoder(sdxl, t
     plain.load_lora_weights(str(folder), adapter_name="edits")
     ours.load_concept_edits(folder, adapter_name="edits")
     for component in ("text_encoder", "text_encoder_2"):
-        torch.testing.assert_close(encode_component(plain, component, ["a dog"]), encode_component(ours, component, ["a dog"]),
-                                   rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            encode_component(plain, component, ["a dog"]),
+            encode_component(ours, component, ["a dog"]),
+            rtol=0,
+            atol=1e-6,
+        )
     base = tiny_sdxl_pipeline()
     ours.set_adapters(["edits"], adapter_weights={"text_encoder": 1.0, "text_encoder_2": 0.0})
-    assert torch.equal(encode_component(ours, "text_encoder_2", ["a dog"]), encode_component(base, "text_encoder_2", ["a dog"]))
-    assert not torch.equal(encode_component(ours, "text_encoder", ["a dog"]), encode_component(base, "text_encoder", ["a dog"]))
+    assert torch.equal(
+        encode_component(ours, "text_encoder_2", ["a dog"]), encode_component(base, "text_encoder_2", ["a dog"])
+    )
+    assert not torch.equal(
+        encode_component(ours, "text_encoder", ["a dog"]), encode_component(base, "text_encoder", ["a dog"])
+    )
     ours.disable_concept_edits()
     for component in ("text_encoder", "text_encoder_2"):
         assert torch.equal(encode_component(ours, component, ["a dog"]), encode_component(base, component, ["a dog"]))
@@ -244,8 +289,12 @@ def test_sdxl_adapter_loads_with_plain_diffusers_and_toggles_per_encoder(sdxl, t
 
 def test_image_to_image_pipelines_share_the_support(pipe, tmp_path):
     img2img = StableDiffusionImg2ImgPipeline(**pipe.components)
-    editor = EMCIDEditor(img2img, EMCIDConfig.from_preset("sd1-paper", num_steps=2, image_num_inference_steps=2),
-                         cache_dir=tmp_path, progress=False)
+    editor = EMCIDEditor(
+        img2img,
+        EMCIDConfig.from_preset("sd1-paper", num_steps=2, image_num_inference_steps=2),
+        cache_dir=tmp_path,
+        progress=False,
+    )
     editor.compute_statistics(CAPTIONS)
     edits = editor.edit([("dog", "cat")])
     name = img2img.load_concept_edits(edits)
@@ -253,9 +302,12 @@ def test_image_to_image_pipelines_share_the_support(pipe, tmp_path):
 
 
 def test_unsupported_pipelines_name_the_supported_families(pipe):
-    pipe.text_encoder = BertModel(BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                             intermediate_size=32))
-    with pytest.raises(ValueError, match="BertModel; EMCID edits CLIP text encoders.*Stable Diffusion 1.x/2.x and SD-XL"):
+    pipe.text_encoder = BertModel(
+        BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    )
+    with pytest.raises(
+        ValueError, match="BertModel; EMCID edits CLIP text encoders.*Stable Diffusion 1.x/2.x and SD-XL"
+    ):
         EMCIDEditor(pipe)
 
     class NotAPipeline:
@@ -284,8 +336,10 @@ def test_a_default_editor_runs_debias_and_rectify_with_the_settings_of_the_paper
         used.append(("stage 1", config.num_steps, config.text_alignment_weight, config.samples_per_prompt))
         if config.num_steps == 300:
             raise StopAfterRecording
-        return [Stage1Result({"text_encoder": torch.randn(32)}, {"text_encoder": torch.randn(32)}, torch.zeros(1))
-                for _ in requests]
+        return [
+            Stage1Result({"text_encoder": torch.randn(32)}, {"text_encoder": torch.randn(32)}, torch.zeros(1))
+            for _ in requests
+        ]
 
     def record_stage2(*args):
         used.append(("stage 2", args[7]))  # alpha

@@ -23,14 +23,21 @@ from diffusers_emcid.kohya import KOHYA_WEIGHTS_NAME
 from diffusers_emcid.testing import random_captions, tiny_sd2_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline
 
 PIPELINES: dict[str, Callable[..., DiffusionPipeline]] = {
-    "sd1": tiny_sd_pipeline, "sd2": tiny_sd2_pipeline, "sdxl": tiny_sdxl_pipeline,
+    "sd1": tiny_sd_pipeline,
+    "sd2": tiny_sd2_pipeline,
+    "sdxl": tiny_sdxl_pipeline,
 }
 PROMPTS = ["a photo of a dog", "an apple on a table", "a red car", ""]
 PAIRS = [("dog", "cat"), ("apple", "banana"), ("car", "bus")]
-KOHYA_KEY = re.compile(r"(?P<prefix>lora_te[12]?)_text_model_encoder_layers_(?P<layer>0|[1-9][0-9]*)_mlp_fc2"
-                       r"\.lora_(?P<factor>down|up)\.weight")
-PREFIXES = {"sd1": {"text_encoder": "lora_te"}, "sd2": {"text_encoder": "lora_te"},
-            "sdxl": {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}}
+KOHYA_KEY = re.compile(
+    r"(?P<prefix>lora_te[12]?)_text_model_encoder_layers_(?P<layer>0|[1-9][0-9]*)_mlp_fc2"
+    r"\.lora_(?P<factor>down|up)\.weight"
+)
+PREFIXES = {
+    "sd1": {"text_encoder": "lora_te"},
+    "sd2": {"text_encoder": "lora_te"},
+    "sdxl": {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"},
+}
 """The key prefixes AUTOMATIC1111's Lora extension maps to each text encoder."""
 
 
@@ -43,8 +50,10 @@ def mixed_rank_edits(pipe: DiffusionPipeline, scale: float = 0.05, seed: int = 0
         layout = find_text_encoder_layout(getattr(pipe, slot.component), slot.component)
         d, d_ff = layout.hidden_size, layout.intermediate_size
         deltas[slot.component] = {
-            layer: LowRankDelta(torch.randn(d, 1 + layer % 3, generator=generator) * scale,
-                                torch.randn(1 + layer % 3, d_ff, generator=generator) * scale)
+            layer: LowRankDelta(
+                torch.randn(d, 1 + layer % 3, generator=generator) * scale,
+                torch.randn(1 + layer % 3, d_ff, generator=generator) * scale,
+            )
             for layer in range(layout.num_layers - 1)
         }
         vectors[slot.component] = torch.randn(len(PAIRS), d, generator=generator)
@@ -57,8 +66,9 @@ def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
-def assert_diffusers_loads_it_like_apply(edits: ConceptEdits, make: Callable[..., DiffusionPipeline], file,
-                                         tolerance: float = 1e-5) -> None:
+def assert_diffusers_loads_it_like_apply(
+    edits: ConceptEdits, make: Callable[..., DiffusionPipeline], file, tolerance: float = 1e-5
+) -> None:
     """`load_lora_weights(file)` on a fresh pipeline gives the conditioning of `edits.apply`, to `tolerance`
     relative."""
     applied = make(seed=0)
@@ -135,8 +145,10 @@ def test_sd2_is_told_by_the_width_of_its_text_encoder(tmp_path, width, version, 
 
 def test_float16_export_of_a_large_update_stays_finite_and_close(tmp_path):
     edits = mixed_rank_edits(tiny_sd_pipeline(seed=0))
-    edits.deltas = {c: {layer: LowRankDelta(d.up * 1e6, d.down * 1e-1) for layer, d in layers.items()}
-                    for c, layers in edits.deltas.items()}  # unbalanced: entries of `up` beyond float16's range
+    edits.deltas = {
+        c: {layer: LowRankDelta(d.up * 1e6, d.down * 1e-1) for layer, d in layers.items()}
+        for c, layers in edits.deltas.items()
+    }  # unbalanced: entries of `up` beyond float16's range
     assert not all(torch.isfinite(d.up.half()).all() for d in edits.deltas["text_encoder"].values())
     half = load_file(str(edits.export_kohya(tmp_path / "half.safetensors", dtype=torch.float16)))
     full = load_file(str(edits.export_kohya(tmp_path / "full.safetensors", dtype="float32")))
@@ -178,13 +190,18 @@ def test_bad_arguments_name_the_value_and_the_fix(tmp_path):
         edits.export_kohya(tmp_path / "folder.safetensors")
     with pytest.raises(ValueError, match=r"dtype='float8' is not a storage precision.*'float16'"):
         edits.export_kohya(tmp_path / "edits.safetensors", dtype="float8")
-    only_second = ConceptEdits(edits.requests, {}, {"text_encoder_2": edits.deltas["text_encoder"]}, edits.config,
-                               {"text_encoder_2": 0})
+    only_second = ConceptEdits(
+        edits.requests, {}, {"text_encoder_2": edits.deltas["text_encoder"]}, edits.config, {"text_encoder_2": 0}
+    )
     with pytest.raises(ValueError, match=r"\['text_encoder_2'\] fit no supported family"):
         only_second.export_kohya(tmp_path / "edits.safetensors")
-    huge = ConceptEdits(edits.requests, {}, {"text_encoder": {0: LowRankDelta(torch.full((32, 1), 1e9),
-                                                                               torch.full((1, 64), 1e9))}},
-                        edits.config, {"text_encoder": 0})
+    huge = ConceptEdits(
+        edits.requests,
+        {},
+        {"text_encoder": {0: LowRankDelta(torch.full((32, 1), 1e9), torch.full((1, 64), 1e9))}},
+        edits.config,
+        {"text_encoder": 0},
+    )
     with pytest.raises(EMCIDNumericalError, match="too large for float16.*dtype=torch.float32"):
         huge.export_kohya(tmp_path / "edits.safetensors", dtype=torch.float16)
     edits.deltas["text_encoder"][0].up[0, 0] = float("nan")
@@ -209,6 +226,7 @@ def test_pushed_repo_holds_a_kohya_file_that_loads_like_apply(hub, tmp_path):
     edits = mixed_rank_edits(tiny_sdxl_pipeline(seed=0))
     edits.push_to_hub("alice/kohya-sdxl", token=hub.token)
     assert KOHYA_WEIGHTS_NAME in HfApi(endpoint=hub.endpoint, token=hub.token).list_repo_files("alice/kohya-sdxl")
-    file = HfApi(endpoint=hub.endpoint, token=hub.token).hf_hub_download("alice/kohya-sdxl", KOHYA_WEIGHTS_NAME,
-                                                                         cache_dir=tmp_path)
+    file = HfApi(endpoint=hub.endpoint, token=hub.token).hf_hub_download(
+        "alice/kohya-sdxl", KOHYA_WEIGHTS_NAME, cache_dir=tmp_path
+    )
     assert_diffusers_loads_it_like_apply(edits, tiny_sdxl_pipeline, file)

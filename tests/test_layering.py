@@ -14,8 +14,20 @@ LAYERS = [
     {"edits"},
     {"debias", "kinds"},
     {"editor"},
-    {"loaders", "evaluation", "evaluation.drift", "evaluation.judges", "evaluation.metrics", "demo", "cli", "__main__",
-     "shapes", "shapes.checks", "shapes.evaluate", ""},
+    {
+        "loaders",
+        "evaluation",
+        "evaluation.drift",
+        "evaluation.judges",
+        "evaluation.metrics",
+        "demo",
+        "cli",
+        "__main__",
+        "shapes",
+        "shapes.checks",
+        "shapes.evaluate",
+        "",
+    },
 ]
 """Modules by layer, relative to the package ("" is the package itself), lowest first."""
 
@@ -48,8 +60,11 @@ def imports_of(path: Path) -> set[str]:
                 if (PACKAGE / child.replace(".", "/")).with_suffix(".py").exists():
                     found.add(child)
         elif isinstance(node, ast.Import):
-            found |= {a.name.removeprefix("diffusers_emcid").removeprefix(".") for a in node.names
-                      if a.name.split(".")[0] == "diffusers_emcid"}
+            found |= {
+                a.name.removeprefix("diffusers_emcid").removeprefix(".")
+                for a in node.names
+                if a.name.split(".")[0] == "diffusers_emcid"
+            }
     return found - {name}
 
 
@@ -64,8 +79,9 @@ def test_every_module_has_a_layer():
 
 def test_modules_import_only_from_their_layer_or_below():
     layer = {name: index for index, names in enumerate(LAYERS) for name in names}
-    upward = [(name, target) for name, targets in import_graph().items() for target in targets
-              if layer[target] > layer[name]]
+    upward = [
+        (name, target) for name, targets in import_graph().items() for target in targets if layer[target] > layer[name]
+    ]
     assert not upward, f"imports from a higher layer: {upward}"
 
 
@@ -77,7 +93,7 @@ def test_there_is_no_import_circle():
         state[name] = "open"
         for target in sorted(graph[name]):
             if state.get(target) == "open":
-                raise AssertionError(f"import circle: {' -> '.join(path[path.index(target):] + [target])}")
+                raise AssertionError(f"import circle: {' -> '.join(path[path.index(target) :] + [target])}")
             if target not in state:
                 visit(target, path + [target])
         state[name] = "done"

@@ -21,9 +21,13 @@ def folder(editor, tmp_path):
 def style_lora(tmp_path, make_pipe):
     """A diffusers LoRA file on the UNet and the (first) text encoder's attention, as users download them."""
     source = make_pipe(seed=0)
-    config = LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"], init_lora_weights=False)
+    config = LoraConfig(
+        r=4, lora_alpha=4, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"], init_lora_weights=False
+    )
     inject_adapter_in_model(config, source.text_encoder, adapter_name="default")
-    source.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"], init_lora_weights=False))
+    source.unet.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"], init_lora_weights=False)
+    )
     path = tmp_path / "style"
     type(source).save_lora_weights(
         path,
@@ -34,13 +38,23 @@ def style_lora(tmp_path, make_pipe):
 
 
 def images(pipe):
-    return pipe("a photo of a dog", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
+    return pipe(
+        "a photo of a dog", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np"
+    ).images
 
 
 def test_methods_are_added_to_stable_diffusion_pipelines_and_the_mixin_is_public(pipe):
-    for name in ("load_concept_edits", "set_concept_edits", "enable_concept_edits", "disable_concept_edits",
-                 "concept_edits_disabled", "fuse_concept_edits", "unfuse_concept_edits", "unload_concept_edits",
-                 "get_concept_edits"):
+    for name in (
+        "load_concept_edits",
+        "set_concept_edits",
+        "enable_concept_edits",
+        "disable_concept_edits",
+        "concept_edits_disabled",
+        "fuse_concept_edits",
+        "unfuse_concept_edits",
+        "unload_concept_edits",
+        "get_concept_edits",
+    ):
         assert callable(getattr(pipe, name)) and hasattr(ConceptEditsLoaderMixin, name)
 
 
@@ -175,8 +189,18 @@ def test_the_mixin_serves_a_custom_pipeline_class(folder, make_pipe):
     assert custom.get_concept_edits()[name]["concepts"] == [("apple", "banana"), ("dog", "cat")]
 
 
-@pytest.mark.parametrize("name, error", [("update", ValueError), ("keys", ValueError), ("to", ValueError),
-                                         ("a.b", ValueError), ("", ValueError), ("with space", ValueError), (3, TypeError)])
+@pytest.mark.parametrize(
+    "name, error",
+    [
+        ("update", ValueError),
+        ("keys", ValueError),
+        ("to", ValueError),
+        ("a.b", ValueError),
+        ("", ValueError),
+        ("with space", ValueError),
+        (3, TypeError),
+    ],
+)
 def test_bad_adapter_names_are_refused_before_anything_changes(pipe, folder, name, error):
     pipe.load_concept_edits(folder, adapter_name="first")
     state = model_state(pipe)

@@ -24,7 +24,10 @@ ADAPTER_FILES = (WEIGHTS_NAME, VECTORS_NAME, MANIFEST_NAME, CARD_NAME)
 def run_job(cache_dir, out_dir, steps=30):
     return subprocess.Popen(
         [sys.executable, "-m", "tests.edit_job", str(cache_dir), str(out_dir), str(steps)],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
 
@@ -103,7 +106,9 @@ def test_a_diverging_concept_is_reported_and_the_others_are_kept(editor, pipe, m
     state = model_state(pipe)
     handle = pipe.unet.register_forward_hook(poison)
     try:
-        with pytest.raises(EMCIDNumericalError, match=r"(?s)1 of 2 concepts.*'apple' -> 'banana'.*step 0.*Lower learning_rate"):
+        with pytest.raises(
+            EMCIDNumericalError, match=r"(?s)1 of 2 concepts.*'apple' -> 'banana'.*step 0.*Lower learning_rate"
+        ):
             editor.edit([("apple", "banana"), ("dog", "cat")])
     finally:
         handle.remove()
@@ -111,8 +116,11 @@ def test_a_diverging_concept_is_reported_and_the_others_are_kept(editor, pipe, m
     stage1 = list((editor.cache.root / "stage1").glob("*.safetensors"))
     assert len(stage1) == 1, "the healthy concept should be cached, the diverged one not"
     runs = []
-    monkeypatch.setattr(stage1_cache_module, "optimize_concept_vectors",
-                        lambda *a, **k: runs.extend(r.source for r in a[2]) or optimize(*a, **k))
+    monkeypatch.setattr(
+        stage1_cache_module,
+        "optimize_concept_vectors",
+        lambda *a, **k: runs.extend(r.source for r in a[2]) or optimize(*a, **k),
+    )
     edits = editor.edit([("apple", "banana"), ("dog", "cat")])
     assert runs == ["apple"]
     assert all(torch.isfinite(d.dense()).all() for d in edits.deltas["text_encoder"].values())
@@ -122,7 +130,11 @@ def test_a_concept_held_by_the_clamp_at_every_step_is_reported(editor, caplog):
     editor.config.learning_rate, editor.config.clamp_norm_factor = 50.0, 0.01
     with caplog.at_level(logging.WARNING):
         editor.edit([("dog", "cat")])
-    assert "'dog' -> 'cat'" in caplog.text and "every one of 8 steps" in caplog.text and "Lower learning_rate" in caplog.text
+    assert (
+        "'dog' -> 'cat'" in caplog.text
+        and "every one of 8 steps" in caplog.text
+        and "Lower learning_rate" in caplog.text
+    )
 
 
 def test_nothing_non_finite_is_written(editor, tmp_path):
@@ -151,9 +163,19 @@ def test_hostile_concept_names_round_trip_and_cannot_touch_the_card_metadata(tmp
     requests = [ConceptEdit(name, f"dest {i}", templates=["{}"]) for i, name in enumerate(HOSTILE_NAMES)]
     generator = torch.Generator().manual_seed(0)
     n = len(requests)
-    deltas = {"text_encoder": {0: LowRankDelta(torch.randn(32, n, generator=generator), torch.randn(n, 64, generator=generator))}}
-    edits = ConceptEdits(requests, {"text_encoder": torch.randn(n, 32, generator=generator)}, deltas, config, {"text_encoder": 0},
-                         base_model="org/model")
+    deltas = {
+        "text_encoder": {
+            0: LowRankDelta(torch.randn(32, n, generator=generator), torch.randn(n, 64, generator=generator))
+        }
+    }
+    edits = ConceptEdits(
+        requests,
+        {"text_encoder": torch.randn(n, 32, generator=generator)},
+        deltas,
+        config,
+        {"text_encoder": 0},
+        base_model="org/model",
+    )
     folder = edits.save_pretrained(tmp_path / "hostile")
     loaded = ConceptEdits.from_pretrained(folder)
     assert loaded.concepts == edits.concepts
@@ -192,10 +214,29 @@ def test_accelerate_launch_with_two_cpu_processes_shares_stage1_and_gives_the_si
     # accelerate 1.x starts several CPU processes with `--multi_gpu` (torchrun) plus ACCELERATE_USE_CPU=1;
     # its `--cpu --num_processes n` needs an MPI host file.
     launch = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "tests.edit_job", str(tmp_path / "cache-shared"),
-         str(tmp_path / "shared"), "10"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "-m",
+            "tests.edit_job",
+            str(tmp_path / "cache-shared"),
+            str(tmp_path / "shared"),
+            "10",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
         env={**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"},
     )
     assert launch.returncode == 0, launch.stderr[-3000:]

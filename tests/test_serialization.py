@@ -47,7 +47,8 @@ def in_memory(edits, pipe):
 def test_round_trip_gives_the_in_memory_outputs(edits, pipe, in_memory, tmp_path):
     folder = edits.save_pretrained(tmp_path / "edits")
     assert sorted(p.name for p in folder.iterdir()) == sorted(
-        ["README.md", "emcid_manifest.json", "emcid_vectors.safetensors", "pytorch_lora_weights.safetensors"])
+        ["README.md", "emcid_manifest.json", "emcid_vectors.safetensors", "pytorch_lora_weights.safetensors"]
+    )
     loaded = ConceptEdits.from_pretrained(folder)
     assert loaded.concepts == edits.concepts
     assert [r.templates for r in loaded.requests] == [r.templates for r in edits.requests]
@@ -94,9 +95,15 @@ def test_keys_keep_the_text_model_prefix_and_the_manifest_is_in_the_header(edits
     lora_config = json.loads(metadata["lora_adapter_metadata"])
     assert lora_config["text_encoder.lora_alpha"] == lora_config["text_encoder.r"]
     manifest = json.loads(metadata[MANIFEST_HEADER_KEY])
-    assert manifest["concepts"][1] == {"source": "Van Gogh", "destination": "art", "templates": ["painting by {}", "style of {}"],
-                                       "seed": edits.requests[1].resolved_seed, "num_images": 0, "text_alignment": True,
-                                       "use_real_noise": False}
+    assert manifest["concepts"][1] == {
+        "source": "Van Gogh",
+        "destination": "art",
+        "templates": ["painting by {}", "style of {}"],
+        "seed": edits.requests[1].resolved_seed,
+        "num_images": 0,
+        "text_alignment": True,
+        "use_real_noise": False,
+    }
     assert {c: info["layers"] for c, info in manifest["components"].items()} == EDITED_LAYERS[family]
     assert all(len(info["base_fingerprint"]) == 64 for info in manifest["components"].values())
 
@@ -155,10 +162,28 @@ def first_key(tensors, suffix):
 @pytest.mark.parametrize(
     "mutate, message",
     [
-        (lambda t, m: ({k: v for k, v in t.items() if k != first_key(t, "up.weight")}, m), "lacks the up factor|holds updates of layers"),
-        (lambda t, m: ({**t, "text_encoder.text_model.encoder.layers.0.mlp.fc1.lora_linear_layer.up.weight": torch.zeros(2, 2)}, m), "unexpected tensor"),
+        (
+            lambda t, m: ({k: v for k, v in t.items() if k != first_key(t, "up.weight")}, m),
+            "lacks the up factor|holds updates of layers",
+        ),
+        (
+            lambda t, m: (
+                {
+                    **t,
+                    "text_encoder.text_model.encoder.layers.0.mlp.fc1.lora_linear_layer.up.weight": torch.zeros(2, 2),
+                },
+                m,
+            ),
+            "unexpected tensor",
+        ),
         (lambda t, m: ({**t, first_key(t, "down.weight"): torch.zeros(2, 7)}, m), "inconsistent with"),
-        (lambda t, m: ({**t, first_key(t, "down.weight"): torch.full_like(t[first_key(t, "down.weight")], float("nan"))}, m), "NaN"),
+        (
+            lambda t, m: (
+                {**t, first_key(t, "down.weight"): torch.full_like(t[first_key(t, "down.weight")], float("nan"))},
+                m,
+            ),
+            "NaN",
+        ),
         (lambda t, m: (t, {**m, MANIFEST_HEADER_KEY: "{not json"}), "not valid JSON"),
         (lambda t, m: (t, {k: v for k, v in m.items() if k != MANIFEST_HEADER_KEY}), "not a diffusers-emcid adapter"),
         (future_version, "newer than this one.*pip install -U diffusers-emcid"),
@@ -223,8 +248,9 @@ def test_bad_storage_dtype(edits, tmp_path):
 
 
 def manifest_of(edits):
-    return Manifest.build(edits.requests, edits.config, edits.z_layers, edits.deltas, edits.base_model,
-                          edits.base_fingerprints)
+    return Manifest.build(
+        edits.requests, edits.config, edits.z_layers, edits.deltas, edits.base_model, edits.base_fingerprints
+    )
 
 
 def test_manifest_round_trips_through_its_dict_and_json(edits):
@@ -263,8 +289,10 @@ def test_the_injected_lora_config_is_the_one_in_the_header():
     layout = find_text_encoder_layout(text_encoder, "text_encoder_2")
     generator = torch.Generator().manual_seed(0)
     deltas = {
-        layer: LowRankDelta(up=torch.randn(layout.hidden_size, rank, generator=generator),
-                            down=torch.randn(rank, layout.intermediate_size, generator=generator))
+        layer: LowRankDelta(
+            up=torch.randn(layout.hidden_size, rank, generator=generator),
+            down=torch.randn(rank, layout.intermediate_size, generator=generator),
+        )
         for layer, rank in [(2, 1), (5, 3)]
     }
     inject_lora_deltas(layout, deltas, "edits")
@@ -272,7 +300,9 @@ def test_the_injected_lora_config_is_the_one_in_the_header():
     assert injected.to_dict() == lora_config(deltas).to_dict()
     assert injected.rank_pattern == {"encoder.layers.2.mlp.fc2": 1, "encoder.layers.5.mlp.fc2": 3}
     assert {path: layer.r["edits"] for path, layer in layers_with_adapter(text_encoder, "edits")} == {
-        layout.fc2_path(2): 1, layout.fc2_path(5): 3}
+        layout.fc2_path(2): 1,
+        layout.fc2_path(5): 3,
+    }
     header = lora_adapter_metadata({"text_encoder_2": deltas})
     assert set(header) == {f"text_encoder_2.{field}" for field in LORA_METADATA_FIELDS}
     for field in LORA_METADATA_FIELDS:

@@ -14,8 +14,14 @@ from huggingface_hub import HfApi
 from safetensors import safe_open
 
 import diffusers_emcid
-from diffusers_emcid import BaseModelMismatchError, EMCIDConfig, EMCIDEditor, EMCIDFormatError, EMCIDNumericalError
-from diffusers_emcid import key_statistics
+from diffusers_emcid import (
+    BaseModelMismatchError,
+    EMCIDConfig,
+    EMCIDEditor,
+    EMCIDFormatError,
+    EMCIDNumericalError,
+    key_statistics,
+)
 from diffusers_emcid.cli import main
 from diffusers_emcid.key_statistics import CAPTIONS_ENV_VAR, DEFAULT_CAPTIONS, StatisticsStore, load_captions
 from diffusers_emcid.serialization import safetensors_bytes
@@ -46,9 +52,12 @@ def assert_no_statistics(editor):
 
 
 def same_updates(first, second):
-    return all(torch.equal(first.deltas[c][layer].up, second.deltas[c][layer].up)
-               and torch.equal(first.deltas[c][layer].down, second.deltas[c][layer].down)
-               for c in first.deltas for layer in first.deltas[c])
+    return all(
+        torch.equal(first.deltas[c][layer].up, second.deltas[c][layer].up)
+        and torch.equal(first.deltas[c][layer].down, second.deltas[c][layer].down)
+        for c in first.deltas
+        for layer in first.deltas[c]
+    )
 
 
 # ----------------------------------------------------------------------------------------------- through the Hub
@@ -68,7 +77,11 @@ def test_statistics_round_trip_through_the_hub_bit_for_bit_and_edit_uses_them(ed
         assert torch.equal(loaded["text_encoder"][layer], original.covariances[layer])
     found = fresh._statistics_of(fresh.encoders[0])
     assert (found.num_tokens, found.num_captions, found.caption_set, found.positions) == (
-        original.num_tokens, len(CAPTIONS), StatisticsStore.caption_set(CAPTIONS), "pipeline1")
+        original.num_tokens,
+        len(CAPTIONS),
+        StatisticsStore.caption_set(CAPTIONS),
+        "pipeline1",
+    )
 
     edits = fresh.edit([("dog", "cat")])  # stage 2 with the loaded statistics gives what the original ones give
     assert same_updates(edits, editor.solve([("dog", "cat")], edits.vectors))
@@ -79,8 +92,11 @@ def test_statistics_round_trip_through_the_hub_bit_for_bit_and_edit_uses_them(ed
 def test_statistics_of_another_base_model_or_dtype_are_refused(editor, fast_config, hub, tmp_path):
     editor.push_statistics("alice/seed-0", token=hub.token)
     other = new_editor(tiny_sd_pipeline(seed=1), fast_config, tmp_path / "other")
-    with pytest.raises(BaseModelMismatchError, match=r"other base weights than this pipeline's text_encoder.*"
-                                                     r"editor\.compute_statistics\(\)"):
+    with pytest.raises(
+        BaseModelMismatchError,
+        match=r"other base weights than this pipeline's text_encoder.*"
+        r"editor\.compute_statistics\(\)",
+    ):
         other.load_statistics("alice/seed-0", token=hub.token)
     assert_no_statistics(other)
     half = new_editor(tiny_sd_pipeline(seed=0).to(torch.float16), fast_config, tmp_path / "half")
@@ -125,24 +141,36 @@ def test_pushing_again_uploads_nothing_new_and_drops_files_of_other_layers(edito
 def test_files_metadata_and_card(editor, tmp_path):
     folder = editor.save_statistics(tmp_path / "statistics", base_model="tiny/sd")
     assert sorted(p.name for p in folder.iterdir()) == ["README.md"] + [
-        statistics_file_name("text_encoder", layer) for layer in range(4)]
+        statistics_file_name("text_encoder", layer) for layer in range(4)
+    ]
     with safe_open(str(folder / "text_encoder.layer02.safetensors"), "pt") as file:
         metadata, names = file.metadata(), list(file.keys())
         covariance = file.get_tensor(TENSOR_NAME)
     assert names == [TENSOR_NAME] and covariance.shape == (64, 64) and covariance.dtype == torch.float32
     assert {k: v for k, v in metadata.items() if k != DIGEST_KEY} == {
-        "format": "pt", "emcid_format": "emcid-key-statistics", "emcid_format_version": "1",
-        "library_version": diffusers_emcid.__version__, "component": "text_encoder", "layer": "2",
-        "model_fingerprint": editor._encoder_fingerprint(editor.encoders[0]), "model_dtype": "float32",
-        "caption_set": StatisticsStore.caption_set(CAPTIONS), "num_captions": str(len(CAPTIONS)),
-        "num_tokens": str(editor.statistics.known["text_encoder"].num_tokens), "statistics_positions": "pipeline",
-        "statistics_padding_weight": "1.0", "base_model": "tiny/sd",
+        "format": "pt",
+        "emcid_format": "emcid-key-statistics",
+        "emcid_format_version": "1",
+        "library_version": diffusers_emcid.__version__,
+        "component": "text_encoder",
+        "layer": "2",
+        "model_fingerprint": editor._encoder_fingerprint(editor.encoders[0]),
+        "model_dtype": "float32",
+        "caption_set": StatisticsStore.caption_set(CAPTIONS),
+        "num_captions": str(len(CAPTIONS)),
+        "num_tokens": str(editor.statistics.known["text_encoder"].num_tokens),
+        "statistics_positions": "pipeline",
+        "statistics_padding_weight": "1.0",
+        "base_model": "tiny/sd",
     }
     assert metadata[DIGEST_KEY] == statistics_digest(metadata, covariance)
     card = (folder / "README.md").read_text()
     front_matter = yaml.safe_load(card.split("---\n")[1])
-    assert front_matter == {"pretty_name": "EMCID key statistics", "viewer": False,
-                            "tags": ["emcid", "diffusers-emcid", "key-statistics", "text-to-image", "stable-diffusion"]}
+    assert front_matter == {
+        "pretty_name": "EMCID key statistics",
+        "viewer": False,
+        "tags": ["emcid", "diffusers-emcid", "key-statistics", "text-to-image", "stable-diffusion"],
+    }
     assert "`tiny/sd`" in card and "| `text_encoder` | [0, 1, 2, 3] | 64 | float32 | 12 |" in card
     assert str(tmp_path) not in card
 
@@ -155,18 +183,29 @@ def test_sdxl_statistics_round_trip_for_both_text_encoders(tmp_path):
     assert statistics_file_name("text_encoder_2", 5) in {p.name for p in folder.iterdir()}
     fresh = EMCIDEditor(tiny_sdxl_pipeline(seed=0), config, cache_dir=tmp_path / "b", progress=False)
     loaded = fresh.load_statistics(folder)
-    assert {c: sorted(layers) for c, layers in loaded.items()} == {"text_encoder": [1, 2, 3],
-                                                                  "text_encoder_2": [1, 2, 3, 4, 5]}
+    assert {c: sorted(layers) for c, layers in loaded.items()} == {
+        "text_encoder": [1, 2, 3],
+        "text_encoder_2": [1, 2, 3, 4, 5],
+    }
     for component, covariances in known(editor).items():
         assert all(torch.equal(loaded[component][layer], covariances[layer]) for layer in loaded[component])
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"statistics_positions": "paper"}, "computed with statistics_positions='pipeline', statistics_padding_weight="
-                                        "1.0, but this editor uses statistics_positions='paper'"),
-    ({"statistics_padding_weight": 0.5}, "statistics_padding_weight=1.0, but this editor uses "
-                                         "statistics_positions='pipeline', statistics_padding_weight=0.5"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (
+            {"statistics_positions": "paper"},
+            "computed with statistics_positions='pipeline', statistics_padding_weight="
+            "1.0, but this editor uses statistics_positions='paper'",
+        ),
+        (
+            {"statistics_padding_weight": 0.5},
+            "statistics_padding_weight=1.0, but this editor uses "
+            "statistics_positions='pipeline', statistics_padding_weight=0.5",
+        ),
+    ],
+)
 def test_statistics_of_other_positions_settings_are_refused(editor, fast_config, tmp_path, changes, message):
     folder = editor.save_statistics(tmp_path / "statistics")
     other = new_editor(editor.pipe, fast_config, tmp_path / "other", **changes)
@@ -180,16 +219,20 @@ def test_the_padding_weight_does_not_matter_for_paper_positions(fast_config, tmp
     editor = new_editor(tiny_sd_pipeline(seed=0), fast_config, tmp_path / "a", statistics_positions="paper")
     editor.compute_statistics(CAPTIONS)
     folder = editor.save_statistics(tmp_path / "statistics")
-    other = new_editor(editor.pipe, fast_config, tmp_path / "b", statistics_positions="paper",
-                       statistics_padding_weight=0.5)
+    other = new_editor(
+        editor.pipe, fast_config, tmp_path / "b", statistics_positions="paper", statistics_padding_weight=0.5
+    )
     assert torch.equal(other.load_statistics(folder)["text_encoder"][0], known(editor)["text_encoder"][0])
 
 
 def test_layers_the_statistics_lack_are_refused(editor, fast_config, tmp_path):
     folder = editor.save_statistics(tmp_path / "statistics")
     more = new_editor(editor.pipe, fast_config, tmp_path / "more", layers="0:5")
-    with pytest.raises(BaseModelMismatchError, match=r"no key statistics of text_encoder layer 4 .*"
-                                                     r"text_encoder\.layer04\.safetensors"):
+    with pytest.raises(
+        BaseModelMismatchError,
+        match=r"no key statistics of text_encoder layer 4 .*"
+        r"text_encoder\.layer04\.safetensors",
+    ):
         more.load_statistics(folder)
     assert_no_statistics(more)
 
@@ -218,14 +261,19 @@ CORRUPTIONS = {
     "non-finite": (lambda p: rewrite(p, torch.full((64, 64), float("nan"))), "holds NaN or inf"),
     "infinite": (lambda p: rewrite(p, torch.eye(64) * float("inf")), "holds NaN or inf"),
     "shape": (lambda p: rewrite(p, torch.eye(32)), r"holds C of shape \[32, 32\], but d_ff of text_encoder is 64"),
-    "not square": (lambda p: rewrite(p, torch.ones(64, 32)), r"expected one F32 tensor 'covariance' of shape "
-                                                              r"\[64, 64\]"),
+    "not square": (
+        lambda p: rewrite(p, torch.ones(64, 32)),
+        r"expected one F32 tensor 'covariance' of shape "
+        r"\[64, 64\]",
+    ),
     "float16": (lambda p: rewrite(p, dtype=torch.float16), r"'covariance' F16 \[64, 64\]"),
     "newer format": (lambda p: rewrite(p, emcid_format_version="2"), "format version 2 .*pip install -U"),
     "not statistics": (lambda p: rewrite(p, emcid_format="something-else"), "not a diffusers-emcid key statistics"),
     "bad count": (lambda p: rewrite(p, num_tokens="-3"), "invalid num_tokens '-3'"),
-    "renamed": (lambda p: p.write_bytes(p.with_name("text_encoder.layer01.safetensors").read_bytes()),
-                "says it holds text_encoder layer 1, not text_encoder layer 2"),
+    "renamed": (
+        lambda p: p.write_bytes(p.with_name("text_encoder.layer01.safetensors").read_bytes()),
+        "says it holds text_encoder layer 1, not text_encoder layer 2",
+    ),
     "mixed caption sets": (lambda p: rewrite(p, caption_set="0" * 32), "mix caption sets"),
     "not safetensors": (lambda p: p.write_bytes(b"not a safetensors file"), "not a readable safetensors file"),
 }
@@ -252,6 +300,7 @@ def test_writes_are_atomic_and_refuse_non_finite_statistics(editor, tmp_path, mo
     parent = tmp_path / "out"
     parent.mkdir()
     with monkeypatch.context() as patched:
+
         def disk_full(*args, **kwargs):
             raise OSError("No space left on device")
 
@@ -276,8 +325,11 @@ def test_saving_over_a_folder_replaces_the_statistics_it_held(editor, fast_confi
 
 def test_edit_without_statistics_names_both_ways_out(pipe, fast_config, tmp_path):
     editor = new_editor(pipe, fast_config, tmp_path)
-    with pytest.raises(ValueError, match=r"compute_statistics\(\) reads 100,000 Conceptual Captions.*"
-                                         r"editor\.load_statistics\(repo_id_or_folder\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"compute_statistics\(\) reads 100,000 Conceptual Captions.*"
+        r"editor\.load_statistics\(repo_id_or_folder\)",
+    ):
         editor.edit([("dog", "cat")])
 
 
@@ -292,10 +344,12 @@ def upload(hub, repo_id, path, data, revision=None):
     api.upload_file(path_or_fileobj=data, path_in_repo=path, repo_id=repo_id, repo_type="dataset", revision=revision)
 
 
-def test_compute_statistics_without_captions_reads_the_default_caption_set(pipe, fast_config, hub, tmp_path,
-                                                                           monkeypatch):
-    rows = "".join(json.dumps({"url": f"https://example.com/{i}.jpg", "caption": c}) + "\n"
-                   for i, c in enumerate(CAPTIONS))
+def test_compute_statistics_without_captions_reads_the_default_caption_set(
+    pipe, fast_config, hub, tmp_path, monkeypatch
+):
+    rows = "".join(
+        json.dumps({"url": f"https://example.com/{i}.jpg", "caption": c}) + "\n" for i, c in enumerate(CAPTIONS)
+    )
     upload(hub, "emcid/captions", "data/captions.jsonl", rows.encode())
     monkeypatch.setenv(CAPTIONS_ENV_VAR, "hf://datasets/emcid/captions/data/captions.jsonl")
     default = new_editor(pipe, fast_config, tmp_path / "a").compute_statistics()["text_encoder"]
@@ -305,8 +359,9 @@ def test_compute_statistics_without_captions_reads_the_default_caption_set(pipe,
 
 
 def test_hub_caption_files_with_a_revision_and_columns(hub):
-    upload(hub, "emcid/csv-captions", "captions.csv", b"image,text\n1.jpg,a dog\n2.jpg,\"a cat, asleep\"\n",
-           revision="v2")
+    upload(
+        hub, "emcid/csv-captions", "captions.csv", b'image,text\n1.jpg,a dog\n2.jpg,"a cat, asleep"\n', revision="v2"
+    )
     url = "hf://datasets/emcid/csv-captions@v2/captions.csv"
     assert load_captions(url, column="text") == ["a dog", "a cat, asleep"]
     assert load_captions(url.replace("@v2", "@refs%2Fheads%2Fv2"), column="text") == ["a dog", "a cat, asleep"]
@@ -328,8 +383,13 @@ def test_the_default_is_the_conceptual_captions_training_file(tmp_path, monkeypa
     monkeypatch.delenv(CAPTIONS_ENV_VAR, raising=False)
     monkeypatch.setattr(key_statistics, "hf_hub_download", fake_download)
     assert load_captions() == ["a dog", "a cat"]
-    assert calls == [("google-research-datasets/conceptual_captions", "unlabeled/train-00000-of-00002.parquet",
-                      {"repo_type": "dataset", "revision": None})]
+    assert calls == [
+        (
+            "google-research-datasets/conceptual_captions",
+            "unlabeled/train-00000-of-00002.parquet",
+            {"repo_type": "dataset", "revision": None},
+        )
+    ]
     assert DEFAULT_CAPTIONS.endswith(".parquet") and EMCIDConfig().statistics_num_samples == 100_000
 
 
@@ -367,25 +427,31 @@ def test_stats_command_pushes_loads_and_saves(hub, tmp_path, capsys):
     captions = tmp_path / "captions.txt"
     captions.write_text("\n".join(CAPTIONS) + "\n")
     common = ["--model", model, "--device", "cpu", "--num-steps", "2"]
-    code, out, err = run(["stats", *common, "--captions", captions, "--cache-dir", tmp_path / "a",
-                          "--push", "me/cli-statistics"], capsys)
+    code, out, err = run(
+        ["stats", *common, "--captions", captions, "--cache-dir", tmp_path / "a", "--push", "me/cli-statistics"], capsys
+    )
     assert code == 0, err
     assert "me/cli-statistics" in out
     card = HfApi(token=hub.token).hf_hub_download("me/cli-statistics", "README.md", repo_type="dataset")
     assert str(tmp_path) not in Path(card).read_text()
 
-    code, out, err = run(["stats", *common, "--load", "me/cli-statistics", "--cache-dir", tmp_path / "b",
-                          "--save", tmp_path / "saved"], capsys)
+    code, out, err = run(
+        ["stats", *common, "--load", "me/cli-statistics", "--cache-dir", tmp_path / "b", "--save", tmp_path / "saved"],
+        capsys,
+    )
     assert code == 0, err
     assert (tmp_path / "saved" / statistics_file_name("text_encoder", 3)).is_file()
     pairs = tmp_path / "pairs.csv"
     pairs.write_text("dog,cat\n")
-    code, out, err = run(["edit", *common, "--pairs", pairs, "--out", tmp_path / "edits", "--cache-dir",
-                          tmp_path / "b"], capsys)
+    code, out, err = run(
+        ["edit", *common, "--pairs", pairs, "--out", tmp_path / "edits", "--cache-dir", tmp_path / "b"], capsys
+    )
     assert code == 0, err  # the loaded statistics are in the cache
 
     other = tmp_path / "other-model"
     tiny_sd_pipeline(seed=1).save_pretrained(other)
-    code, out, err = run(["stats", "--model", other, "--device", "cpu", "--load", tmp_path / "saved",
-                          "--cache-dir", tmp_path / "c"], capsys)
+    code, out, err = run(
+        ["stats", "--model", other, "--device", "cpu", "--load", tmp_path / "saved", "--cache-dir", tmp_path / "c"],
+        capsys,
+    )
     assert code == 2 and "other base weights" in err

@@ -44,12 +44,18 @@ def test_on_the_trained_shapes_model_other_shapes_and_the_empty_prompt_stay_put(
     pipe = load_shapes_pipeline()
     changes = {}
     for positions in ("pipeline", "paper"):
-        editor = EMCIDEditor(pipe, EMCIDConfig.from_preset(DEMO_PRESET, statistics_positions=positions),
-                             cache_dir=tmp_path, progress=False)
+        editor = EMCIDEditor(
+            pipe,
+            EMCIDConfig.from_preset(DEMO_PRESET, statistics_positions=positions),
+            cache_dir=tmp_path,
+            progress=False,
+        )
         editor.compute_statistics(statistics_captions())
         edits = editor.edit([EDIT])
         changes[positions] = conditioning_change(
-            pipe, edits, ["", "a red circle", "a photo of a blue circle", "a blue triangle", "a green square", "a red star"]
+            pipe,
+            edits,
+            ["", "a red circle", "a photo of a blue circle", "a blue triangle", "a green square", "a red star"],
         )
     empty, *edited = changes["pipeline"][:3]
     unrelated = changes["pipeline"][3:]
@@ -65,8 +71,11 @@ def test_numerically_singular_statistics_are_refused_before_stage_1(tmp_path):
             editor = EMCIDEditor(pipe, EMCIDConfig(statistics_positions=positions), cache_dir=tmp_path, progress=False)
             # 300 copies of one caption: 1,800 (paper) or 23,177 (pipeline) positions, but at most 6 or 79 distinct keys
             editor.compute_statistics(["a photo of a dog"] * 300)
-            with pytest.raises(EMCIDNumericalError, match=r"text_encoder layer 0 are numerically singular.*more, and "
-                                                          r"more varied, captions"):
+            with pytest.raises(
+                EMCIDNumericalError,
+                match=r"text_encoder layer 0 are numerically singular.*more, and "
+                r"more varied, captions",
+            ):
                 editor.edit([("dog", "cat")])
     assert not calls, "the UNet ran before the statistics were refused"
 
@@ -86,6 +95,8 @@ def test_an_explicit_ridge_makes_singular_statistics_usable(tmp_path):
 
 def test_varied_captions_pass_the_conditioning_check(tmp_path):
     pipe = tiny_sd2_pipeline(seed=0)
-    editor = EMCIDEditor(pipe, EMCIDConfig(num_steps=1, image_num_inference_steps=1), cache_dir=tmp_path, progress=False)
+    editor = EMCIDEditor(
+        pipe, EMCIDConfig(num_steps=1, image_num_inference_steps=1), cache_dir=tmp_path, progress=False
+    )
     editor.compute_statistics(random_captions())
     assert len(editor.edit([("dog", "cat")])) == 1

@@ -25,8 +25,9 @@ def count_calls(module):
 def run_stage1(editor, request):
     pipe = editor.pipe
     with editor._base_model() as device:
-        (result,) = optimize_concept_vectors(pipe, editor.encoders, [request], editor.config,
-                                             DDPMScheduler.from_config(pipe.scheduler.config), device)
+        (result,) = optimize_concept_vectors(
+            pipe, editor.encoders, [request], editor.config, DDPMScheduler.from_config(pipe.scheduler.config), device
+        )
     return result
 
 
@@ -36,24 +37,28 @@ def test_stage1_lowers_its_loss_and_respects_the_clamp(editor):
     result = run_stage1(editor, ConceptEdit("dog", "cat", seed=3))
     first, last = result.losses[:5].mean().item(), result.losses[-5:].mean().item()
     assert last < 0.9 * first, f"stage-1 loss went from {first:.5f} to {last:.5f}"
-    assert (result.vectors['text_encoder'] - result.h0['text_encoder']).norm() <= editor.config.clamp_norm_factor * result.h0['text_encoder'].norm() * (1 + 1e-6)
-    assert (result.vectors['text_encoder'] - result.h0['text_encoder']).norm() > 0
+    assert (
+        result.vectors["text_encoder"] - result.h0["text_encoder"]
+    ).norm() <= editor.config.clamp_norm_factor * result.h0["text_encoder"].norm() * (1 + 1e-6)
+    assert (result.vectors["text_encoder"] - result.h0["text_encoder"]).norm() > 0
 
 
 def test_clamp_binds_with_a_large_learning_rate(editor):
     editor.config.learning_rate = 50.0
     editor.config.clamp_norm_factor = 0.1
     result = run_stage1(editor, ConceptEdit("dog", "cat", seed=3))
-    ratio = ((result.vectors['text_encoder'] - result.h0['text_encoder']).norm() / result.h0['text_encoder'].norm()).item()
+    ratio = (
+        (result.vectors["text_encoder"] - result.h0["text_encoder"]).norm() / result.h0["text_encoder"].norm()
+    ).item()
     assert ratio == pytest.approx(0.1, rel=1e-5)
 
 
 def test_same_request_same_vector_other_seed_other_vector(editor):
     request = ConceptEdit("dog", "cat", seed=11)
     a, b = run_stage1(editor, request), run_stage1(editor, request)
-    assert torch.equal(a.vectors['text_encoder'], b.vectors['text_encoder'])
+    assert torch.equal(a.vectors["text_encoder"], b.vectors["text_encoder"])
     c = run_stage1(editor, ConceptEdit("dog", "cat", seed=12))
-    assert not torch.allclose(a.vectors['text_encoder'], c.vectors['text_encoder'])
+    assert not torch.allclose(a.vectors["text_encoder"], c.vectors["text_encoder"])
 
 
 def test_h0_is_the_clean_state_of_prompt_zero(editor, pipe):
@@ -63,7 +68,7 @@ def test_h0_is_the_clean_state_of_prompt_zero(editor, pipe):
     with torch.no_grad():
         states = pipe.text_encoder(ids, output_hidden_states=True).hidden_states
     # hidden_states[0] is the embedding output, so layer l's output is hidden_states[l + 1]
-    torch.testing.assert_close(result.h0['text_encoder'], states[editor.z_layer + 1][0, 4], rtol=0, atol=1e-6)
+    torch.testing.assert_close(result.h0["text_encoder"], states[editor.z_layer + 1][0, 4], rtol=0, atol=1e-6)
 
 
 def test_generated_training_images_come_from_the_source_prompts(editor, pipe):
@@ -72,8 +77,9 @@ def test_generated_training_images_come_from_the_source_prompts(editor, pipe):
     (images,) = training_images(pipe, [request], editor.config)
     assert images.shape == (2, 2, 3, 16, 16)
     generator = torch.Generator().manual_seed(5)
-    expected = pipe(["a photo of dog", "dog"], num_inference_steps=2, generator=[generator, generator],
-                    output_type="pt").images
+    expected = pipe(
+        ["a photo of dog", "dog"], num_inference_steps=2, generator=[generator, generator], output_type="pt"
+    ).images
     torch.testing.assert_close(images[:, 0], expected)
 
 
@@ -124,6 +130,7 @@ def test_training_images_can_use_another_scheduler_and_the_pipelines_is_restored
     assert type(pipe.scheduler).__name__ == "PNDMScheduler"
     generator = torch.Generator().manual_seed(5)
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
-    expected = pipe(["a photo of dog", "dog"], num_inference_steps=2, generator=[generator, generator],
-                    output_type="pt").images
+    expected = pipe(
+        ["a photo of dog", "dog"], num_inference_steps=2, generator=[generator, generator], output_type="pt"
+    ).images
     torch.testing.assert_close(images[:, 0], expected)

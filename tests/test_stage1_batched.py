@@ -8,8 +8,8 @@ from diffusers import DDPMScheduler
 
 from diffusers_emcid import ConceptEdit, EMCIDConfig, EMCIDEditor
 from diffusers_emcid.conditioning import encode_prompts, tokenize_alike
-from diffusers_emcid.stage1 import optimize_concept_vectors
 from diffusers_emcid.hooks import captured_outputs, run_until_stopped
+from diffusers_emcid.stage1 import optimize_concept_vectors
 from diffusers_emcid.testing import tiny_sd2_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline
 from diffusers_emcid.tokens import subject_token_positions
 
@@ -18,7 +18,9 @@ REQUESTS = [
     ConceptEdit("dog", "cat", seed=1),
     ConceptEdit("red apple", "green tree", templates=["a photo of {}", "{} on a street by a house"], seed=2),
     ConceptEdit("car", "banana", seed=3, use_real_noise=True),
-    ConceptEdit("house", "circle", templates=["{}", "a painting of a {} in the park", "an image of {}", "{} art"], seed=4),
+    ConceptEdit(
+        "house", "circle", templates=["{}", "a painting of a {} in the park", "an image of {}", "{} art"], seed=4
+    ),
 ]
 RELATIVE_TOLERANCE = 1e-9
 """Batched and one-at-a-time runs differ only by rounding (batched kernels sum in other orders, and the thread count
@@ -35,8 +37,9 @@ def run(pipe, requests, **overrides):
     config = EMCIDConfig.from_preset("sd1-paper", **{"num_steps": 10, "image_num_inference_steps": 2, **overrides})
     editor = EMCIDEditor(pipe, config, progress=False)
     with editor._base_model() as device:
-        return optimize_concept_vectors(pipe, editor.encoders, requests, config,
-                                        DDPMScheduler.from_config(pipe.scheduler.config), device)
+        return optimize_concept_vectors(
+            pipe, editor.encoders, requests, config, DDPMScheduler.from_config(pipe.scheduler.config), device
+        )
 
 
 def relative_difference(a, b):
@@ -67,7 +70,10 @@ def test_a_concepts_result_does_not_depend_on_batch_company_or_order():
         assert relative_difference(a.vectors["text_encoder"], b.vectors["text_encoder"]) < RELATIVE_TOLERANCE
     # while different seeds give clearly different vectors: the tolerance is far below what a change would cause
     other = run(pipe, [dataclasses.replace(REQUESTS[0], seed=99)])[0]
-    assert relative_difference(other.vectors["text_encoder"], forward[0].vectors["text_encoder"]) > 1e6 * RELATIVE_TOLERANCE
+    assert (
+        relative_difference(other.vectors["text_encoder"], forward[0].vectors["text_encoder"])
+        > 1e6 * RELATIVE_TOLERANCE
+    )
 
 
 @pytest.mark.parametrize("make_pipe", [tiny_sd_pipeline, tiny_sdxl_pipeline])
@@ -83,20 +89,29 @@ def test_cached_prefix_gives_the_full_forwards_outputs_and_gradients(make_pipe):
 
     def loss_and_gradients(use_prefix):
         nonlocal probes
-        deltas = [torch.randn(e.layout.hidden_size, generator=torch.Generator().manual_seed(1), dtype=torch.float64).requires_grad_()
-                  for e in encoders]
+        deltas = [
+            torch.randn(
+                e.layout.hidden_size, generator=torch.Generator().manual_seed(1), dtype=torch.float64
+            ).requires_grad_()
+            for e in encoders
+        ]
         rows = torch.arange(len(prompts))
         if use_prefix:
             states = []
             for encoder, batch, position, delta in zip(encoders, batches, positions, deltas):
                 z_module = encoder.layout.layers[encoder.z_layer]
                 with torch.no_grad(), captured_outputs({"z": z_module}, stop_at=z_module) as captured:
-                    run_until_stopped(encoder.layout.model, input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-                states.append(captured["z"].index_put((rows, position), delta.expand(len(prompts), -1), accumulate=True))
+                    run_until_stopped(
+                        encoder.layout.model, input_ids=batch.input_ids, attention_mask=batch.attention_mask
+                    )
+                states.append(
+                    captured["z"].index_put((rows, position), delta.expand(len(prompts), -1), accumulate=True)
+                )
             conditioning = encode_prompts(encoders, batches, states=states)
         else:
-            conditioning = encode_prompts(encoders, batches, deltas=[d.expand(len(prompts), -1) for d in deltas],
-                                   positions=positions)
+            conditioning = encode_prompts(
+                encoders, batches, deltas=[d.expand(len(prompts), -1) for d in deltas], positions=positions
+            )
         outputs = [conditioning.hidden, *conditioning.pooled]
         if probes is None:
             probes = [torch.randn(o.shape, generator=generator, dtype=o.dtype) for o in outputs]
@@ -129,9 +144,12 @@ def test_pipeline_padding_conditions_the_unet_on_every_position_in_both_paths(ma
     pipe = float64_pipeline(make_pipe)
     lengths = []
     handle = pipe.unet.register_forward_pre_hook(
-        lambda module, args, kwargs: lengths.append(kwargs["encoder_hidden_states"].shape[1]), with_kwargs=True)
+        lambda module, args, kwargs: lengths.append(kwargs["encoder_hidden_states"].shape[1]), with_kwargs=True
+    )
     try:
-        reference = [run(pipe, [request], stage1_mode="reference", stage1_padding="pipeline")[0] for request in REQUESTS]
+        reference = [
+            run(pipe, [request], stage1_mode="reference", stage1_padding="pipeline")[0] for request in REQUESTS
+        ]
         assert set(lengths) == {77}, "stage 1 gave the UNet other than the pipeline's 77 positions"
         batched = run(pipe, REQUESTS, stage1_mode="fast", stage1_padding="pipeline")
     finally:

@@ -33,7 +33,8 @@ def test_closed_form_equals_an_independent_float64_solve(n, d, d_ff):
 
 
 def layer_io(text_encoder, tokenizer, layer_module, prompts, positions, which):
-    """fc2 input ("key"), fc2 output ("value") or a layer output ("state") at one token per prompt, one prompt at a time."""
+    """fc2 input ("key"), fc2 output ("value") or a layer output ("state") at one token per prompt, one prompt at a
+    time."""
     rows = []
     for prompt, position in zip(prompts, positions):
         store = {}
@@ -59,8 +60,20 @@ def test_layer_order_and_key_recomputation_match_an_in_place_reference(editor, p
     Z = torch.randn(2, layout.hidden_size, generator=generator)
     covariances = editor.compute_statistics(CAPTIONS)["text_encoder"]
     layers = editor.layers
-    deltas = compute_stage2_deltas(layout, pipe.tokenizer, requests, Z, layers, editor.z_layer, covariances,
-                                   0.6, 4000.0, "paper", batch_size=3, progress=False)
+    deltas = compute_stage2_deltas(
+        layout,
+        pipe.tokenizer,
+        requests,
+        Z,
+        layers,
+        editor.z_layer,
+        covariances,
+        0.6,
+        4000.0,
+        "paper",
+        batch_size=3,
+        progress=False,
+    )
 
     reference = copy.deepcopy(pipe.text_encoder)
     ref_layout = find_text_encoder_layout(reference)
@@ -84,8 +97,10 @@ def test_memit_residual_reaches_its_targets_and_spares_other_prompts(tmp_path):
     config = EMCIDConfig(layers="0:-1", residual="memit", preservation_weight=10.0, edit_weight=0.5)
     editor = EMCIDEditor(pipe, config, cache_dir=tmp_path, progress=False)
     covariances = editor.compute_statistics(CAPTIONS * 4)["text_encoder"]
-    requests = [ConceptEdit("dog", "cat", templates=["a photo of {}"]),
-                ConceptEdit("apple", "banana", templates=["an image of {}"])]
+    requests = [
+        ConceptEdit("dog", "cat", templates=["a photo of {}"]),
+        ConceptEdit("apple", "banana", templates=["an image of {}"]),
+    ]
     z_module = editor.layout.layers[editor.z_layer]
 
     def z_states(prompts):
@@ -97,16 +112,31 @@ def test_memit_residual_reaches_its_targets_and_spares_other_prompts(tmp_path):
 
     prompts = [r.source_prompts[0] for r in requests]
     rows = torch.arange(len(requests))
-    positions = torch.tensor([subject_token_positions(pipe.tokenizer, [p], r.source)[0] for p, r in zip(prompts, requests)])
+    positions = torch.tensor(
+        [subject_token_positions(pipe.tokenizer, [p], r.source)[0] for p, r in zip(prompts, requests)]
+    )
     before = z_states(prompts)[0][rows, positions]
     shift = torch.randn(before.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     targets = before + 0.5 * before.norm(dim=1, keepdim=True) * shift / shift.norm(dim=1, keepdim=True)
     controls = ["a red car on the street", "a green tree", "the president of the united states"]
     controls_before, real = z_states(controls)
 
-    deltas = compute_stage2_deltas(editor.layout, pipe.tokenizer, requests, targets.float(), editor.layers,
-                                   editor.z_layer, covariances, 0.5, 10.0, "memit", progress=False)
-    ConceptEdits(requests, {"text_encoder": targets.float()}, {"text_encoder": deltas}, config, editor.z_layers).apply(pipe)
+    deltas = compute_stage2_deltas(
+        editor.layout,
+        pipe.tokenizer,
+        requests,
+        targets.float(),
+        editor.layers,
+        editor.z_layer,
+        covariances,
+        0.5,
+        10.0,
+        "memit",
+        progress=False,
+    )
+    ConceptEdits(requests, {"text_encoder": targets.float()}, {"text_encoder": deltas}, config, editor.z_layers).apply(
+        pipe
+    )
 
     after = z_states(prompts)[0][rows, positions]
     relative_error = ((after - targets).norm(dim=1) / (targets - before).norm(dim=1)).max().item()
@@ -116,15 +146,22 @@ def test_memit_residual_reaches_its_targets_and_spares_other_prompts(tmp_path):
     control_move = ((controls_after - controls_before).norm(dim=-1) / controls_before.norm(dim=-1))[real].mean().item()
     ratio = control_move / edited_move
     assert ratio < 0.2, (
-        f"control tokens moved {control_move:.4f} (relative), edited subject tokens {edited_move:.4f}: ratio {ratio:.3f}"
+        f"control tokens moved {control_move:.4f} (relative), edited subject tokens {edited_move:.4f}: "
+        f"ratio {ratio:.3f}"
     )
 
 
 def subject_z_states(pipe, editor, request):
     """The z-layer state at the subject token of each of the request's prompts, (P, d) float64."""
     positions = subject_token_positions(pipe.tokenizer, request.source_prompts, request.source)
-    return layer_io(pipe.text_encoder, pipe.tokenizer, editor.layout.layers[editor.z_layer], request.source_prompts,
-                    positions, "state")
+    return layer_io(
+        pipe.text_encoder,
+        pipe.tokenizer,
+        editor.layout.layers[editor.z_layer],
+        request.source_prompts,
+        positions,
+        "state",
+    )
 
 
 def test_keys_per_prompt_deliver_delta_at_every_templates_subject(tmp_path):
@@ -156,10 +193,15 @@ def test_keys_per_prompt_deliver_delta_at_every_templates_subject(tmp_path):
 
 
 def test_keys_per_prompt_with_one_template_equal_the_averaged_keys(editor, pipe):
-    requests = [ConceptEdit("dog", "cat", templates=["a photo of {}"]), ConceptEdit("apple", "car", templates=["an {}"])]
+    requests = [
+        ConceptEdit("dog", "cat", templates=["a photo of {}"]),
+        ConceptEdit("apple", "car", templates=["an {}"]),
+    ]
     vectors = torch.randn(2, editor.layout.hidden_size, generator=torch.Generator().manual_seed(1))
     averaged = editor.solve(requests, {"text_encoder": vectors})
     editor.config.stage2_keys = "prompt"
     per_prompt = editor.solve(requests, {"text_encoder": vectors})
     for layer, delta in averaged.deltas["text_encoder"].items():
-        torch.testing.assert_close(per_prompt.deltas["text_encoder"][layer].dense(), delta.dense(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            per_prompt.deltas["text_encoder"][layer].dense(), delta.dense(), rtol=1e-5, atol=1e-6
+        )

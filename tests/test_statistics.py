@@ -47,8 +47,9 @@ def direct_pipeline_second_moment(pipe, layout, layer, captions, padding_weight,
     and the empty prompt, each encoded alone as the pipeline encodes a prompt, in float64."""
     real, padding = [], []
     for caption in [""] * empty_prompt + list(captions):
-        tokens = pipe.tokenizer(caption, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                                return_tensors="pt")
+        tokens = pipe.tokenizer(
+            caption, padding="max_length", max_length=pipe.tokenizer.model_max_length, return_tensors="pt"
+        )
         store = {}
         handle = layout.fc2(layer).register_forward_hook(lambda m, args, out: store.update(k=args[0][0].double()))
         try:
@@ -73,14 +74,16 @@ def test_pipeline_positions_cover_the_padding_and_the_empty_prompt(pipe, fast_co
     for layer in (0, editor.layers[-1]):
         expected = direct_pipeline_second_moment(pipe, editor.layout, layer, CAPTIONS, padding_weight)
         assert float((covariances[layer].double() - expected).norm() / expected.norm()) < 1e-6
-        without_empty = direct_pipeline_second_moment(pipe, editor.layout, layer, CAPTIONS, padding_weight,
-                                                       empty_prompt=False)
+        without_empty = direct_pipeline_second_moment(
+            pipe, editor.layout, layer, CAPTIONS, padding_weight, empty_prompt=False
+        )
         assert float((covariances[layer].double() - without_empty).norm() / expected.norm()) > 1e-3
 
 
 def test_the_positions_are_part_of_the_statistics_cache_key(pipe, fast_config, tmp_path):
-    editor = EMCIDEditor(pipe, dataclasses.replace(fast_config, statistics_positions="paper"), cache_dir=tmp_path,
-                         progress=False)
+    editor = EMCIDEditor(
+        pipe, dataclasses.replace(fast_config, statistics_positions="paper"), cache_dir=tmp_path, progress=False
+    )
     paper = editor.compute_statistics(CAPTIONS)["text_encoder"]
     calls, handle = count_text_encoder_calls(pipe)
     try:
@@ -109,7 +112,9 @@ def test_statistics_cache_is_reused_and_invalidated_by_weight_changes(pipe, fast
     first = editor.compute_statistics(CAPTIONS)["text_encoder"]
     calls, handle = count_text_encoder_calls(pipe)
     try:
-        again = EMCIDEditor(pipe, fast_config, cache_dir=tmp_path, progress=False).compute_statistics(CAPTIONS)["text_encoder"]
+        again = EMCIDEditor(pipe, fast_config, cache_dir=tmp_path, progress=False).compute_statistics(CAPTIONS)[
+            "text_encoder"
+        ]
         assert not calls, "cached statistics were recomputed"
         assert all(torch.equal(first[layer], again[layer]) for layer in first)
         EMCIDEditor(pipe, fast_config, cache_dir=tmp_path, progress=False).compute_statistics(CAPTIONS[:-1])
@@ -117,7 +122,9 @@ def test_statistics_cache_is_reused_and_invalidated_by_weight_changes(pipe, fast
         calls.clear()
         with torch.no_grad():
             editor.layout.layers[0].mlp.fc1.weight.mul_(1.1)
-        changed = EMCIDEditor(pipe, fast_config, cache_dir=tmp_path, progress=False).compute_statistics(CAPTIONS)["text_encoder"]
+        changed = EMCIDEditor(pipe, fast_config, cache_dir=tmp_path, progress=False).compute_statistics(CAPTIONS)[
+            "text_encoder"
+        ]
         assert calls, "statistics of changed weights came from the cache"
         assert not torch.equal(first[0], changed[0])
     finally:
@@ -132,7 +139,10 @@ def test_edit_finds_cached_statistics_without_captions(pipe, fast_config, tmp_pa
 
 def test_no_statistics_is_a_clear_error(pipe, fast_config, tmp_path):
     editor = EMCIDEditor(pipe, fast_config, cache_dir=tmp_path, progress=False)
-    with pytest.raises(ValueError, match=r"No key statistics for layers \[0, 1, 2, 3\] of this text_encoder.*compute_statistics\(captions\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"No key statistics for layers \[0, 1, 2, 3\] of this text_encoder.*compute_statistics\(captions\)",
+    ):
         editor.edit([("dog", "cat")])
 
 
@@ -160,7 +170,9 @@ def test_layers_never_mix_caption_sets(pipe, fast_config, tmp_path):
     editor = EMCIDEditor(pipe, fast_config, cache_dir=tmp_path, progress=False)
     with pytest.raises(ValueError, match="No key statistics for layers \\[0, 1, 2, 3\\]"):
         editor.edit([("dog", "cat")])
-    full = EMCIDEditor(pipe, fast_config, cache_dir=tmp_path, progress=False).compute_statistics(CAPTIONS)["text_encoder"]
+    full = EMCIDEditor(pipe, fast_config, cache_dir=tmp_path, progress=False).compute_statistics(CAPTIONS)[
+        "text_encoder"
+    ]
     fresh = EMCIDEditor(pipe, fast_config, cache_dir=tmp_path, progress=False)
     found = fresh._statistics_of(fresh.encoders[0])
     assert all(torch.equal(found.covariances[layer], full[layer]) for layer in full)

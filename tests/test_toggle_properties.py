@@ -160,13 +160,16 @@ SEQUENCES = st.lists(OPS, min_size=1, max_size=12)
 def save_style_lora(path: Path) -> Path:
     """A diffusers LoRA on the UNet and the text encoder's attention (as `style_lora` in test_loaders.py)."""
     source = tiny_sd_pipeline(seed=0)
-    config = LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"],
-                        init_lora_weights=False)
+    config = LoraConfig(
+        r=4, lora_alpha=4, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"], init_lora_weights=False
+    )
     inject_adapter_in_model(config, source.text_encoder, adapter_name="default")
-    source.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"],
-                                       init_lora_weights=False))
+    source.unet.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"], init_lora_weights=False)
+    )
     StableDiffusionPipeline.save_lora_weights(
-        path, unet_lora_layers=get_peft_model_state_dict(source.unet),
+        path,
+        unet_lora_layers=get_peft_model_state_dict(source.unet),
         text_encoder_lora_layers=get_peft_model_state_dict(source.text_encoder),
     )
     return path
@@ -190,15 +193,17 @@ class Toggling:
             "A": editor.edit([("dog", "cat"), ("apple", "banana")]).save_pretrained(workdir / "A"),
             "B": editor.edit([("car", "tree")]).save_pretrained(workdir / "B"),
         }
-        self.deltas = {name: ConceptEdits.from_pretrained(folder).deltas["text_encoder"]
-                       for name, folder in self.folders.items()}
+        self.deltas = {
+            name: ConceptEdits.from_pretrained(folder).deltas["text_encoder"] for name, folder in self.folders.items()
+        }
         self.style = save_style_lora(workdir / "style")
         self.references = {False: tiny_sd_pipeline(seed=0), True: tiny_sd_pipeline(seed=0)}
         self.quiet(self.references[True].load_lora_weights, str(self.style), adapter_name="style")
         self.base_fc2 = [w.detach().clone() for w in fc2_weights(self.references[False])]
         tokenizer = editor_pipe.tokenizer
-        self.ids = tokenizer(PROMPTS, padding="max_length", max_length=tokenizer.model_max_length,
-                             return_tensors="pt").input_ids
+        self.ids = tokenizer(
+            PROMPTS, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt"
+        ).input_ids
         self.cache: dict[Any, torch.Tensor] = {}
         self.pipe = tiny_sd_pipeline(seed=0)
         self.pristine = self.state()
@@ -217,8 +222,11 @@ class Toggling:
             return (pipe or self.pipe).text_encoder(self.ids)[0]
 
     def state(self) -> dict[str, torch.Tensor]:
-        return {f"{name}.{key}": value.detach().clone() for name in ("text_encoder", "unet")
-                for key, value in getattr(self.pipe, name).state_dict().items()}
+        return {
+            f"{name}.{key}": value.detach().clone()
+            for name in ("text_encoder", "unet")
+            for key, value in getattr(self.pipe, name).state_dict().items()
+        }
 
     def expected(self, model: Model) -> torch.Tensor:
         """The reference outputs: the style LoRA as expected, fc2 = base + sum of strength * up @ down, densely."""
@@ -242,9 +250,13 @@ class Toggling:
         """A fresh pipeline unless the shared one is exactly as built (PEFT wrappers left by diffusers' delete_adapters
         or a failed example would make examples depend on each other)."""
         now = self.state()
-        if (now.keys() != self.pristine.keys() or any(not torch.equal(now[k], v) for k, v in self.pristine.items())
-                or self.pipe.get_concept_edits() or getattr(self.pipe.text_encoder, "peft_config", None)
-                or getattr(self.pipe.unet, "peft_config", None)):
+        if (
+            now.keys() != self.pristine.keys()
+            or any(not torch.equal(now[k], v) for k, v in self.pristine.items())
+            or self.pipe.get_concept_edits()
+            or getattr(self.pipe.text_encoder, "peft_config", None)
+            or getattr(self.pipe.unet, "peft_config", None)
+        ):
             self.pipe = tiny_sd_pipeline(seed=0)
 
     def execute(self, op: tuple, model: Model) -> None:
@@ -280,7 +292,8 @@ class Toggling:
         if not model.contributions():
             assert torch.equal(output, expected), (
                 f"{where}: no edit set is active but the outputs differ from the reference by "
-                f"{(output - expected).abs().max().item():.3g} (expected bitwise equality)")
+                f"{(output - expected).abs().max().item():.3g} (expected bitwise equality)"
+            )
         else:
             difference = (output - expected).abs().max().item()
             ulp = torch.finfo(torch.float32).eps * expected.abs().max().item()
@@ -288,7 +301,8 @@ class Toggling:
             assert difference <= OUTPUT_RTOL_ULPS * ulp, (
                 f"{where}: outputs differ from the reference (expected {model.contributions()}, style "
                 f"{model.style}) by {difference:.3g} > {OUTPUT_RTOL_ULPS} ulps of the output scale "
-                f"({OUTPUT_RTOL_ULPS * ulp:.3g})")
+                f"({OUTPUT_RTOL_ULPS * ulp:.3g})"
+            )
 
     def run(self, ops: list[tuple]) -> None:
         self.start()
@@ -306,10 +320,12 @@ class Toggling:
                 assert outcome == "refused", f"{where}: raised {error!r}, but it should succeed"
                 assert self.pipe.get_concept_edits() == before_info, (
                     f"{where}: refused ({error}) but get_concept_edits() changed from {before_info} to "
-                    f"{self.pipe.get_concept_edits()}")
+                    f"{self.pipe.get_concept_edits()}"
+                )
                 now = self.state()
                 unchanged = now.keys() == before_state.keys() and all(
-                    torch.equal(now[k], v) for k, v in before_state.items())
+                    torch.equal(now[k], v) for k, v in before_state.items()
+                )
                 assert unchanged, f"{where}: refused ({error}) but the weights changed"
                 assert torch.equal(self.encode(), before_output), f"{where}: refused ({error}) but the outputs changed"
             else:
@@ -328,7 +344,8 @@ class Toggling:
             self.execute(("style_delete",), model)
         assert self.pipe.get_concept_edits() == {}
         assert torch.equal(self.encode(), self.base), (
-            "after unloading everything the outputs are not the base ones bitwise")
+            "after unloading everything the outputs are not the base ones bitwise"
+        )
 
 
 @pytest.fixture(scope="module")
@@ -350,8 +367,13 @@ REGRESSIONS = {
     "style-load-switches-the-edits-off": [("load", "A"), ("style_load",)],
     "style-delete-after-style-load": [("load", "A"), ("style_load",), ("style_delete",)],
     "fuse-next-to-an-inactive-lora-name": [("load", "A"), ("style_load",), ("load", "B"), ("fuse", None)],
-    "style-load-after-unloading-everything": [("load", "A"), ("style_load",), ("style_delete",), ("unload", None),
-                                              ("style_load",)],
+    "style-load-after-unloading-everything": [
+        ("load", "A"),
+        ("style_load",),
+        ("style_delete",),
+        ("unload", None),
+        ("style_load",),
+    ],
 }
 
 
@@ -383,7 +405,23 @@ def test_random_toggle_sequences_match_the_model_slow(toggling, ops):
 
 def test_the_reference_agrees_with_single_operations(toggling):
     """Sanity check of the harness on sequences that work today: one set at a strength, toggled, unloaded."""
-    toggling.run([("load", "A"), ("strength", "A", 0.5), ("disable", None), ("enable", "A"), ("fuse", "A"),
-                  ("strength", "A", 1.0), ("unfuse", None), ("load", "B"), ("unload", "A"), ("load", "A"),
-                  ("unload", None), ("style_load",), ("load", "B"), ("strength", "B", 1.5), ("unload", "B"),
-                  ("style_delete",)])
+    toggling.run(
+        [
+            ("load", "A"),
+            ("strength", "A", 0.5),
+            ("disable", None),
+            ("enable", "A"),
+            ("fuse", "A"),
+            ("strength", "A", 1.0),
+            ("unfuse", None),
+            ("load", "B"),
+            ("unload", "A"),
+            ("load", "A"),
+            ("unload", None),
+            ("style_load",),
+            ("load", "B"),
+            ("strength", "B", 1.5),
+            ("unload", "B"),
+            ("style_delete",),
+        ]
+    )

@@ -2,9 +2,9 @@
 
 A judge of evaluations is any callable `judge(images) -> (num_images, num_labels)` probabilities with a `labels`
 attribute naming its classes; the debiasing loop's judges take the phrases to choose from as well,
-`judge(images, phrases)` (`clip_zero_shot_judge`). `concept_probability` reads the probability of a concept from those: the sum over the
-labels the concept names (a whole label, one of its comma-separated aliases as in ImageNet's, or all of its
-words, so that "square" collects "red square", "blue square", ...).
+`judge(images, phrases)` (`clip_zero_shot_judge`). `concept_probability` reads the probability of a concept from
+those: the sum over the labels the concept names (a whole label, one of its comma-separated aliases as in
+ImageNet's, or all of its words, so that "square" collects "red square", "blue square", ...).
 """
 
 from __future__ import annotations
@@ -47,7 +47,9 @@ class ImageClassifierJudge:
         self.labels = [model.config.id2label[i] for i in range(len(model.config.id2label))]
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, device: str | torch.device = "cpu", **kwargs: object) -> "ImageClassifierJudge":
+    def from_pretrained(
+        cls, name_or_path: str | os.PathLike, device: str | torch.device = "cpu", **kwargs: object
+    ) -> "ImageClassifierJudge":
         """Loads a model id or folder with `AutoModelForImageClassification` and `AutoImageProcessor`."""
         model = AutoModelForImageClassification.from_pretrained(name_or_path, **kwargs).to(device)
         return cls(model, AutoImageProcessor.from_pretrained(name_or_path, **kwargs))

@@ -77,12 +77,18 @@ class EditEvaluation:
 
     def table(self) -> str:
         """A Markdown table of the rows."""
-        lines = ["| group | prompt | judged as | before | after | destination before | destination after |",
-                 "|---|---|---|---|---|---|---|"]
+        lines = [
+            "| group | prompt | judged as | before | after | destination before | destination after |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for row in self.rows:
-            destination = [f"{row[k]:.2f}" if row.get(k) is not None else "" for k in ("destination_before", "destination_after")]
-            lines.append(f"| {row['group']} | {row['prompt']} | {row['source']} | {row['source_before']:.2f} | "
-                         f"{row['source_after']:.2f} | {destination[0]} | {destination[1]} |")
+            destination = [
+                f"{row[k]:.2f}" if row.get(k) is not None else "" for k in ("destination_before", "destination_after")
+            ]
+            lines.append(
+                f"| {row['group']} | {row['prompt']} | {row['source']} | {row['source_before']:.2f} | "
+                f"{row['source_after']:.2f} | {destination[0]} | {destination[1]} |"
+            )
         return "\n".join(lines)
 
     def image_grid(self, prompts: Sequence[str] | None = None, max_images: int = 8, cell: int = 64) -> Image.Image:
@@ -97,7 +103,9 @@ class EditEvaluation:
                 top = (2 * index + offset) * cell
                 draw.text((4, top + cell // 2 - 6), f"{prompt} ({when})", fill="black")
                 for column, image in enumerate(images[:columns]):
-                    grid.paste(image.convert("RGB").resize((cell, cell), Image.NEAREST), (label_width + column * cell, top))
+                    grid.paste(
+                        image.convert("RGB").resize((cell, cell), Image.NEAREST), (label_width + column * cell, top)
+                    )
         return grid
 
     def save(self, folder: str | os.PathLike) -> Path:
@@ -122,14 +130,21 @@ def load_evaluation_prompts(path: str | os.PathLike) -> list[EvaluationPrompt]:
         reader = csv.DictReader(file)
         missing = {"group", "prompt", "source"} - set(reader.fieldnames or ())
         if missing:
-            raise ValueError(f"{path}: the header must name group,prompt,source,destination[,seed]; {sorted(missing)} missing.")
+            raise ValueError(
+                f"{path}: the header must name group,prompt,source,destination[,seed]; {sorted(missing)} missing."
+            )
         prompts = []
         for line, row in enumerate(reader, start=2):
             try:
-                prompts.append(EvaluationPrompt(
-                    prompt=row["prompt"], group=row["group"].strip(), source=row["source"].strip(),
-                    destination=(row.get("destination") or "").strip() or None, seed=int(row.get("seed") or 0),
-                ))
+                prompts.append(
+                    EvaluationPrompt(
+                        prompt=row["prompt"],
+                        group=row["group"].strip(),
+                        source=row["source"].strip(),
+                        destination=(row.get("destination") or "").strip() or None,
+                        seed=int(row.get("seed") or 0),
+                    )
+                )
             except ValueError as error:
                 raise ValueError(f"{path}, line {line}: {error}") from error
     if not prompts:
@@ -181,8 +196,16 @@ def evaluate_edits(
         if state == "after":
             edits.apply(pipe, name=adapter_name)
         try:
-            phases.append(draw_prompt_images(pipe, [(item.prompt, item.seed) for item in prompts], num_images,
-                                             images_per_call, progress=bar, **sampling))
+            phases.append(
+                draw_prompt_images(
+                    pipe,
+                    [(item.prompt, item.seed) for item in prompts],
+                    num_images,
+                    images_per_call,
+                    progress=bar,
+                    **sampling,
+                )
+            )
         finally:
             if state == "after":
                 edits.remove(pipe, name=adapter_name)
@@ -194,8 +217,11 @@ def evaluate_edits(
         for state, state_images in zip(("before", "after"), images):
             probabilities = judge(state_images)
             row[f"source_{state}"] = float(concept_probability(probabilities, judge.labels, item.source).mean())
-            row[f"destination_{state}"] = None if item.destination is None else float(
-                concept_probability(probabilities, judge.labels, item.destination).mean())
+            row[f"destination_{state}"] = (
+                None
+                if item.destination is None
+                else float(concept_probability(probabilities, judge.labels, item.destination).mean())
+            )
         rows.append(row)
     kept = {item.prompt: (images[0], images[1]) for item, images in zip(prompts, drawn)} if keep_images else {}
     return EditEvaluation(rows, summarize(rows), kept)
@@ -209,7 +235,11 @@ def summarize(rows: Sequence[dict[str, object]]) -> dict[str, dict[str, float]]:
         if not members:
             continue
         mean = lambda key: statistics.fmean(float(row[key]) for row in members)  # noqa: E731
-        result = {"num_prompts": len(members), "source_before": mean("source_before"), "source_after": mean("source_after")}
+        result = {
+            "num_prompts": len(members),
+            "source_before": mean("source_before"),
+            "source_after": mean("source_after"),
+        }
         if group == "specificity":
             result["change"] = result["source_after"] - result["source_before"]
         else:

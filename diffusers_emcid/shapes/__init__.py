@@ -14,7 +14,16 @@ from diffusers import StableDiffusionPipeline
 
 from ..evaluation import ImageClassifierJudge, draw_images
 from .checks import conditioning_gap_closed, end_of_text_separation, judge_images, pipeline_token_ids
-from .render import COLOURS, HELDOUT_TEMPLATES, SHAPES, TRAIN_TEMPLATES, ShapeBatch, all_captions, class_names, draw_batch
+from .render import (
+    COLOURS,
+    HELDOUT_TEMPLATES,
+    SHAPES,
+    TRAIN_TEMPLATES,
+    ShapeBatch,
+    all_captions,
+    class_names,
+    draw_batch,
+)
 
 SAMPLING = {"num_inference_steps": 20, "guidance_scale": 4.0}
 """The sampling settings the shipped pipeline was evaluated with (its scheduler is DPM-Solver++)."""
@@ -32,7 +41,9 @@ def shapes_judge_path() -> Path:
     return Path(__file__).parent / "judge"
 
 
-def load_shapes_pipeline(torch_dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> StableDiffusionPipeline:
+def load_shapes_pipeline(
+    torch_dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> StableDiffusionPipeline:
     """Loads the shipped shapes pipeline (no safety checker) in `torch_dtype` on `device`."""
     pipe = StableDiffusionPipeline.from_pretrained(
         shapes_model_path(), local_files_only=True, safety_checker=None, requires_safety_checker=False
@@ -76,7 +87,10 @@ def prompt_accuracy(
     """
     images = draw_images(pipe, prompt, seed, num_samples, **{**SAMPLING, **sampling})
     shapes, colours = judge_images(judge, images)
-    result = {"shape": sum(s == shape for s in shapes) / num_samples, "colour": sum(c == colour for c in colours) / num_samples}
+    result = {
+        "shape": sum(s == shape for s in shapes) / num_samples,
+        "colour": sum(c == colour for c in colours) / num_samples,
+    }
     result.update({f"shape:{name}": shapes.count(name) / num_samples for name in SHAPES})
     return result
 

@@ -24,12 +24,15 @@ from .render import COLOURS, SHAPES
 
 def pipeline_token_ids(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) -> torch.Tensor:
     """Token ids as `StableDiffusionPipeline` makes them: padded to the maximum length, truncated."""
-    return tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids
+    return tokenizer(
+        list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
 
 
 @contextlib.contextmanager
-def _replaced_hidden_state(text_encoder: CLIPTextModel, layer: int, position: int, value: torch.Tensor) -> Iterator[None]:
+def _replaced_hidden_state(
+    text_encoder: CLIPTextModel, layer: int, position: int, value: torch.Tensor
+) -> Iterator[None]:
     """Within the context, the output of encoder layer `layer` holds `value` at `position`."""
 
     def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor | tuple) -> torch.Tensor | tuple:
@@ -108,4 +111,3 @@ def judge_images(judge: ImageClassifierJudge, images: Sequence | torch.Tensor) -
 def _to_pil(image: torch.Tensor) -> Image.Image:
     array = (image.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
     return Image.fromarray(array)
-

@@ -3,8 +3,9 @@
     python -m diffusers_emcid.shapes.evaluate [--model DIR] [--samples 50] [--templates ...] [--json out.json]
 
 For every colour and shape it draws `--samples` images of each template given by `--templates` (by default
-"a {colour} {shape}" and the first held-out template; fixed seeds, the pipeline's scheduler, `SAMPLING`), and reports the shares the judge reads as the
-asked shape and colour; it also reports the judge's accuracy on fresh rendered images.
+"a {colour} {shape}" and the first held-out template; fixed seeds, the pipeline's scheduler, `SAMPLING`), and
+reports the shares the judge reads as the asked shape and colour; it also reports the judge's accuracy on fresh
+rendered images.
 """
 
 from __future__ import annotations
@@ -40,13 +41,17 @@ def main() -> None:
     if args.model is None:
         pipe = load_shapes_pipeline()
     else:
-        pipe = StableDiffusionPipeline.from_pretrained(args.model, local_files_only=True,
-                                                       safety_checker=None, requires_safety_checker=False)
+        pipe = StableDiffusionPipeline.from_pretrained(
+            args.model, local_files_only=True, safety_checker=None, requires_safety_checker=False
+        )
         pipe.set_progress_bar_config(disable=True)
     judge = load_shapes_judge()
     began = time.time()
-    report: dict[str, object] = {"sampling": SAMPLING, "samples_per_prompt": args.samples,
-                                 "judge_accuracy": judge_accuracy(judge)}
+    report: dict[str, object] = {
+        "sampling": SAMPLING,
+        "samples_per_prompt": args.samples,
+        "judge_accuracy": judge_accuracy(judge),
+    }
     print(f"judge accuracy on fresh images: {report['judge_accuracy']:.4f}", flush=True)
     for template in args.templates:
         rows = {}

@@ -80,8 +80,10 @@ def _outline(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
         s = r * 0.85
         return [(cx - s, cy - s), (cx + s, cy - s), (cx + s, cy + s), (cx - s, cy + s)]
     if shape == "triangle":
-        return [(cx + r * math.cos(a), cy + r * 0.15 + r * math.sin(a))
-                for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
+        return [
+            (cx + r * math.cos(a), cy + r * 0.15 + r * math.sin(a))
+            for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)
+        ]
     if shape == "star":
         points = []
         for i in range(10):
@@ -91,9 +93,20 @@ def _outline(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
         return points
     if shape == "cross":
         w = r * 0.33
-        return [(cx - w, cy - r), (cx + w, cy - r), (cx + w, cy - w), (cx + r, cy - w), (cx + r, cy + w),
-                (cx + w, cy + w), (cx + w, cy + r), (cx - w, cy + r), (cx - w, cy + w), (cx - r, cy + w),
-                (cx - r, cy - w), (cx - w, cy - w)]
+        return [
+            (cx - w, cy - r),
+            (cx + w, cy - r),
+            (cx + w, cy - w),
+            (cx + r, cy - w),
+            (cx + r, cy + w),
+            (cx + w, cy + w),
+            (cx + w, cy + r),
+            (cx - w, cy + r),
+            (cx - w, cy + w),
+            (cx - r, cy + w),
+            (cx - r, cy - w),
+            (cx - w, cy - w),
+        ]
     if shape == "heart":
         points = []
         for i in range(48):
@@ -145,14 +158,17 @@ def draw_batch(batch_size: int, seed: int, templates: tuple[str, ...] = TRAIN_TE
     return ShapeBatch(to_tensor(images), torch.tensor(shapes), torch.tensor(colours), captions)
 
 
-def draw_captions(batch_size: int, seed: int, templates: tuple[str, ...] = TRAIN_TEMPLATES
-                  ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def draw_captions(
+    batch_size: int, seed: int, templates: tuple[str, ...] = TRAIN_TEMPLATES
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Like `draw_batch` without the images: `(shapes, colours, captions)`."""
     shapes, colours, captions = _draw_labels(batch_size, random.Random(seed), templates)
     return torch.tensor(shapes), torch.tensor(colours), captions
 
 
-def _draw_labels(batch_size: int, rng: random.Random, templates: tuple[str, ...]) -> tuple[list[int], list[int], list[str]]:
+def _draw_labels(
+    batch_size: int, rng: random.Random, templates: tuple[str, ...]
+) -> tuple[list[int], list[int], list[str]]:
     colour_names = list(COLOURS)
     shapes = [rng.randrange(len(SHAPES)) for _ in range(batch_size)]
     colours = [rng.randrange(len(colour_names)) for _ in range(batch_size)]
