@@ -522,55 +522,35 @@ class EMCIDConfig:
         return data
 
 
+SD1_PAPER: dict[str, Any] = dict(
+    layers="0:-1",
+    num_steps=200,
+    learning_rate=0.2,
+    weight_decay=5e-4,
+    clamp_norm_factor=1.5,
+    text_alignment_weight=0.01,
+    preservation_weight=4000.0,
+    edit_weight=0.6,
+)
+"""SD 1.4 default of the authors' scripts (hparams `dest_s-200_c-1.5_ly-11_lr-0.2_wd-5e-04_txt-align-0.01`, lambda =
+4000, alpha = 0.6 as in the AICE runs): layers 0-10 of CLIP-L, z layer 10. The other SD 1.x presets change it."""
+
 PRESETS: dict[str, dict[str, Any]] = {
-    # SD 1.4 default of the authors' scripts (hparams `dest_s-200_c-1.5_ly-11_lr-0.2_wd-5e-04_txt-align-0.01`,
-    # lambda = 4000, alpha = 0.6 as in the AICE runs): layers 0-10 of CLIP-L, z layer 10.
-    "sd1-paper": dict(
-        layers="0:-1",
-        num_steps=200,
-        learning_rate=0.2,
-        weight_decay=5e-4,
-        clamp_norm_factor=1.5,
-        text_alignment_weight=0.01,
-        preservation_weight=4000.0,
-        edit_weight=0.6,
-    ),
-    # Debiasing (the authors' debias script): the default hparams with alpha = 0.5, used both while tuning the blend
-    # factors and in the final joint solve.
-    "sd1-debias": dict(
-        layers="0:-1",
-        num_steps=200,
-        learning_rate=0.2,
-        weight_decay=5e-4,
-        clamp_norm_factor=1.5,
-        text_alignment_weight=0.01,
-        preservation_weight=4000.0,
-        edit_weight=0.5,
-    ),
+    "sd1-paper": SD1_PAPER,
+    # Debiasing (the authors' debias script): alpha = 0.5, used both while tuning the blend factors and in the final
+    # joint solve.
+    "sd1-debias": {**SD1_PAPER, "edit_weight": 0.5},
     # Rectification with real images (`dest_s-300_..._true_noise_loss`, the hparams file the authors ship for it):
     # 300 steps, 3 images per template, no text-alignment term (`cal_text_repr_loss: false`), alpha = 0.5.
-    "sd1-rectify": dict(
-        layers="0:-1",
-        num_steps=300,
-        learning_rate=0.2,
-        weight_decay=5e-4,
-        clamp_norm_factor=1.5,
-        text_alignment_weight=0.0,
-        samples_per_prompt=3,
-        preservation_weight=4000.0,
-        edit_weight=0.5,
-    ),
+    "sd1-rectify": {
+        **SD1_PAPER,
+        "num_steps": 300,
+        "text_alignment_weight": 0.0,
+        "samples_per_prompt": 3,
+        "edit_weight": 0.5,
+    },
     # Artist-style erasure (`..._ly-7-11_...`): layers 7-10 of CLIP-L, 100 steps, alpha = 0.5.
-    "sd1-artists": dict(
-        layers="-5:-1",
-        num_steps=100,
-        learning_rate=0.2,
-        weight_decay=5e-4,
-        clamp_norm_factor=1.5,
-        text_alignment_weight=0.01,
-        preservation_weight=4000.0,
-        edit_weight=0.5,
-    ),
+    "sd1-artists": {**SD1_PAPER, "layers": "-5:-1", "num_steps": 100, "edit_weight": 0.5},
     # SD-XL (`sdxl-dest_s-100_c-1.2_ly-8-11_ly2-26-31_lr-0.1_wd-8e-03_txt-align-0.01`, whose text weight is in fact
     # 0.005): CLIP-L layers 8-10 and OpenCLIP-bigG layers 26-30, the layers whose outputs SD-XL feeds its UNet;
     # lambda 4000 for the first encoder and 10000 for the second, alpha = 0.5. Images are drawn at the pipeline's

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 from diffusers import DiffusionPipeline
-from huggingface_hub import HfApi, snapshot_download
+from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
@@ -28,6 +27,7 @@ from .serialization import (
     STORAGE_DTYPES,
     Manifest,
     max_abs_error,
+    push_folder,
     read_adapter_folder,
     storage_factors,
     write_adapter_folder,
@@ -402,20 +402,18 @@ class ConceptEdits:
         Returns:
             The URL of the commit.
         """
-        api = HfApi(token=token)
-        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        if revision is not None and revision != "main":
-            api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
-        with tempfile.TemporaryDirectory() as staging:
-            folder = self._write(
-                Path(staging) / "edits", dtype, shareable=True, token=token, kohya_file=KOHYA_WEIGHTS_NAME
-            )
+
+        def write(staging: Path) -> Path:
+            folder = self._write(staging / "edits", dtype, shareable=True, token=token, kohya_file=KOHYA_WEIGHTS_NAME)
             self.export_kohya(folder / KOHYA_WEIGHTS_NAME, dtype)
-            info = api.upload_folder(
-                repo_id=repo_id,
-                folder_path=folder,
-                revision=revision,
-                repo_type="model",
-                commit_message=commit_message or f"Add {len(self)} EMCID concept edit(s)",
-            )
-        return info.commit_url
+            return folder
+
+        return push_folder(
+            write,
+            repo_id,
+            "model",
+            commit_message or f"Add {len(self)} EMCID concept edit(s)",
+            private,
+            token,
+            revision,
+        )

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import HfApi
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
@@ -378,6 +379,35 @@ def max_abs_error(deltas: dict[str, dict[int, LowRankDelta]], stored: dict[str, 
         for c, layers in deltas.items()
         for layer, delta in layers.items()
     )
+
+
+def push_folder(
+    write: Callable[[Path], Path],
+    repo_id: str,
+    repo_type: str,
+    commit_message: str,
+    private: bool = False,
+    token: str | None = None,
+    revision: str | None = None,
+    delete_patterns: list[str] | None = None,
+) -> str:
+    """Writes a folder with `write(staging_dir) -> folder` and uploads it to a Hub repo in one commit, creating the
+    repo (and the branch `revision`) if needed; files matching `delete_patterns` that the commit does not bring are
+    deleted. Returns the URL of the commit."""
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type=repo_type)
+    if revision is not None and revision != "main":
+        api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type=repo_type)
+    with tempfile.TemporaryDirectory() as staging:
+        info = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=write(Path(staging)),
+            repo_type=repo_type,
+            revision=revision,
+            delete_patterns=delete_patterns,
+            commit_message=commit_message,
+        )
+    return info.commit_url
 
 
 def atomic_folder_write(folder: Path, write: Callable[[Path], None]) -> None:

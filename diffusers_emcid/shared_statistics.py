@@ -19,18 +19,17 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from pathlib import Path
 
 import torch
-from huggingface_hub import DatasetCardData, HfApi, snapshot_download
+from huggingface_hub import DatasetCardData, snapshot_download
 
 from .cache import digest, fingerprint_tensors
 from .card import CITATION
 from .config import EMCIDConfig
 from .errors import BaseModelMismatchError, EMCIDFormatError, EMCIDNumericalError
 from .key_statistics import KeyStatistics, StatisticsStore
-from .serialization import CARD_NAME, atomic_folder_write, read_header, read_tensors, safetensors_bytes
+from .serialization import CARD_NAME, atomic_folder_write, push_folder, read_header, read_tensors, safetensors_bytes
 from .version import __version__
 
 STATISTICS_FILE_FORMAT = "emcid-key-statistics"
@@ -399,21 +398,16 @@ class SharedStatisticsMixin:
         Returns:
             The URL of the commit.
         """
-        api = HfApi(token=token)
-        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="dataset")
-        if revision is not None and revision != "main":
-            api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="dataset")
-        with tempfile.TemporaryDirectory() as staging:
-            folder = self.save_statistics(Path(staging) / "statistics", base_model)
-            info = api.upload_folder(
-                repo_id=repo_id,
-                folder_path=folder,
-                repo_type="dataset",
-                revision=revision,
-                delete_patterns=[FILE_PATTERN],
-                commit_message=commit_message or "Add EMCID key statistics",
-            )
-        return info.commit_url
+        return push_folder(
+            lambda staging: self.save_statistics(staging / "statistics", base_model),
+            repo_id,
+            "dataset",
+            commit_message or "Add EMCID key statistics",
+            private,
+            token,
+            revision,
+            delete_patterns=[FILE_PATTERN],
+        )
 
     def load_statistics(
         self,
