@@ -12,16 +12,16 @@ import torch
 from accelerate.utils import broadcast_object_list
 from diffusers import DiffusionPipeline
 
-from .cache import ModuleFingerprints, TensorCache, pipeline_digest, text_encoder_fingerprint
+from .cache import ModuleFingerprints, TensorCache, pipeline_digest
 from .config import EMCIDConfig
 from .edits import ConceptEdits, base_weights_fingerprint
 from .encoders import EditedEncoder, TextEncoderLayout, check_editable_pipeline, find_edited_encoders
 from .families import pipeline_family
 from .hooks import base_networks
-from .key_statistics import CaptionSource, KeyStatistics, StatisticsStore, load_captions, sample_captions
+from .key_statistics import KeyStatistics, StatisticsStore
 from .kinds import ConceptKindsMixin
 from .requests import ConceptEdit, as_concept_edits, canonical_order
-from .shared_statistics import SharedStatisticsMixin
+from .shared_statistics import StatisticsMixin
 from .stage1 import Stage1Result
 from .stage1_cache import cached_stage1, process_state
 from .stage2 import compute_stage2_deltas
@@ -30,7 +30,7 @@ from .tokens import check_requests
 logger = logging.getLogger(__name__)
 
 
-class EMCIDEditor(ConceptKindsMixin, SharedStatisticsMixin):
+class EMCIDEditor(ConceptKindsMixin, StatisticsMixin):
     """Edits concepts of a Stable Diffusion pipeline's text encoder(s) with EMCID.
 
     The pipeline is never modified: `edit` returns `ConceptEdits`, which `ConceptEdits.apply` adds to
@@ -99,75 +99,6 @@ class EMCIDEditor(ConceptKindsMixin, SharedStatisticsMixin):
         extras = [getattr(self.pipe, name, None) for name in ("safety_checker", "image_encoder")]
         modules += [module for module in extras if isinstance(module, torch.nn.Module)]  # they run in image generation
         return base_networks(modules, self.config.device)
-
-    # ---------------------------------------------------------------- statistics
-
-    def compute_statistics(
-        self,
-        captions: CaptionSource | None = None,
-        *,
-        column: str | None = None,
-        split: str = "train",
-        num_samples: int | None = None,
-    ) -> dict[str, dict[int, torch.Tensor]]:
-        """Computes (or loads from the cache) C = E[k k^T] of every edited layer on the unedited model.
-
-        Args:
-            captions: a list of captions, a caption file (local or `hf://datasets/...`), or a `datasets` name (with
-                `column`); by default `$EMCID_CAPTIONS`, else Conceptual Captions (`key_statistics.DEFAULT_CAPTIONS`).
-            column: the caption field of JSON rows or dataset rows.
-            split: the dataset split.
-            num_samples: how many captions to use; defaults to `config.statistics_num_samples`.
-
-        Returns:
-            {text-encoder component: {layer: C (d_ff, d_ff) float32}}.
-        """
-        texts = sample_captions(
-            load_captions(captions, column, split), num_samples or self.config.statistics_num_samples
-        )
-        computed = {}
-        with self._base_model():
-            for encoder in self.encoders:
-                statistics = self.statistics.compute(
-                    encoder.component,
-                    encoder.layout,
-                    encoder.tokenizer,
-                    encoder.layers,
-                    self._encoder_fingerprint(encoder),
-                    texts,
-                    self.config,
-                    self.progress,
-                )
-                message = statistics.rank_deficiency(encoder.layout.intermediate_size)
-                if message:
-                    logger.warning("%s: %s", encoder.component, message)
-                computed[encoder.component] = dict(statistics.covariances)
-        return computed
-
-    def _encoder_fingerprint(self, encoder: EditedEncoder) -> str:
-        return text_encoder_fingerprint(self._fingerprint, encoder.layout.model, encoder.tokenizer)
-
-    def _statistics_of(self, encoder: EditedEncoder) -> KeyStatistics:
-        return self.statistics.find(encoder.component, encoder.layers, self._encoder_fingerprint(encoder), self.config)
-
-    def has_statistics(self) -> bool:
-        """Whether key statistics of every edited layer are known (computed or cached) for this model."""
-        try:
-            for encoder in self.encoders:
-                self._statistics_of(encoder)
-        except ValueError:
-            return False
-        return True
-
-    def _checked_statistics(self) -> dict[str, KeyStatistics]:
-        """The statistics of every edited encoder, refused if rank-deficient or numerically singular."""
-        statistics = {encoder.component: self._statistics_of(encoder) for encoder in self.encoders}
-        for encoder in self.encoders:
-            statistics[encoder.component].check_rank(encoder.layout.intermediate_size)
-            statistics[encoder.component].check_conditioning(encoder.component, self.config.statistics_regularization)
-        return statistics
-
-    # ---------------------------------------------------------------- editing
 
     def _check_requests(self, requests: list[ConceptEdit]) -> None:
         check_requests(requests, [encoder.tokenizer for encoder in self.encoders])

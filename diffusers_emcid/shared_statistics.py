@@ -1,4 +1,5 @@
-"""Key statistics as files: a folder or Hub dataset repo that `EMCIDEditor.load_statistics` reads.
+"""Key statistics of an editor (`StatisticsMixin`): computed from captions, or shared as files, a folder or Hub
+dataset repo that `EMCIDEditor.load_statistics` reads.
 
 The statistics of a base model are the same for everyone who edits it, so one person computes them (100,000 captions,
 about an hour) and everyone else downloads them. A folder holds:
@@ -18,19 +19,23 @@ the mismatch and the fix, and files with another layout, shape, a damaged digest
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from pathlib import Path
 
 import torch
 from huggingface_hub import DatasetCardData, snapshot_download
 
-from .cache import digest, fingerprint_tensors
+from .cache import digest, fingerprint_tensors, text_encoder_fingerprint
 from .card import CITATION
 from .config import EMCIDConfig
+from .encoders import EditedEncoder
 from .errors import BaseModelMismatchError, EMCIDFormatError, EMCIDNumericalError
-from .key_statistics import KeyStatistics, StatisticsStore
+from .key_statistics import CaptionSource, KeyStatistics, StatisticsStore, load_captions, sample_captions
 from .serialization import CARD_NAME, atomic_folder_write, push_folder, read_header, read_tensors, safetensors_bytes
 from .version import __version__
+
+logger = logging.getLogger(__name__)
 
 STATISTICS_FILE_FORMAT = "emcid-key-statistics"
 STATISTICS_FILE_VERSION = 1
@@ -342,9 +347,75 @@ def read_statistics_folder(
     return loaded
 
 
-class SharedStatisticsMixin:
-    """`save_statistics`, `push_statistics` and `load_statistics` for `EMCIDEditor`, built on its `encoders`,
-    `config`, `statistics` (the store), `_statistics_of` and `_encoder_fingerprint`."""
+class StatisticsMixin:
+    """The key statistics of `EMCIDEditor`: `compute_statistics`, `has_statistics`, and `save_statistics`,
+    `push_statistics` and `load_statistics` to share them; built on its `pipe`, `encoders`, `config`, `statistics`
+    (the store), `progress` and `_base_model`."""
+
+    def compute_statistics(
+        self,
+        captions: CaptionSource | None = None,
+        *,
+        column: str | None = None,
+        split: str = "train",
+        num_samples: int | None = None,
+    ) -> dict[str, dict[int, torch.Tensor]]:
+        """Computes (or loads from the cache) C = E[k k^T] of every edited layer on the unedited model.
+
+        Args:
+            captions: a list of captions, a caption file (local or `hf://datasets/...`), or a `datasets` name (with
+                `column`); by default `$EMCID_CAPTIONS`, else Conceptual Captions (`key_statistics.DEFAULT_CAPTIONS`).
+            column: the caption field of JSON rows or dataset rows.
+            split: the dataset split.
+            num_samples: how many captions to use; defaults to `config.statistics_num_samples`.
+
+        Returns:
+            {text-encoder component: {layer: C (d_ff, d_ff) float32}}.
+        """
+        texts = sample_captions(
+            load_captions(captions, column, split), num_samples or self.config.statistics_num_samples
+        )
+        computed = {}
+        with self._base_model():
+            for encoder in self.encoders:
+                statistics = self.statistics.compute(
+                    encoder.component,
+                    encoder.layout,
+                    encoder.tokenizer,
+                    encoder.layers,
+                    self._encoder_fingerprint(encoder),
+                    texts,
+                    self.config,
+                    self.progress,
+                )
+                message = statistics.rank_deficiency(encoder.layout.intermediate_size)
+                if message:
+                    logger.warning("%s: %s", encoder.component, message)
+                computed[encoder.component] = dict(statistics.covariances)
+        return computed
+
+    def _encoder_fingerprint(self, encoder: EditedEncoder) -> str:
+        return text_encoder_fingerprint(self._fingerprint, encoder.layout.model, encoder.tokenizer)
+
+    def _statistics_of(self, encoder: EditedEncoder) -> KeyStatistics:
+        return self.statistics.find(encoder.component, encoder.layers, self._encoder_fingerprint(encoder), self.config)
+
+    def has_statistics(self) -> bool:
+        """Whether key statistics of every edited layer are known (computed or cached) for this model."""
+        try:
+            for encoder in self.encoders:
+                self._statistics_of(encoder)
+        except ValueError:
+            return False
+        return True
+
+    def _checked_statistics(self) -> dict[str, KeyStatistics]:
+        """The statistics of every edited encoder, refused if rank-deficient or numerically singular."""
+        statistics = {encoder.component: self._statistics_of(encoder) for encoder in self.encoders}
+        for encoder in self.encoders:
+            statistics[encoder.component].check_rank(encoder.layout.intermediate_size)
+            statistics[encoder.component].check_conditioning(encoder.component, self.config.statistics_regularization)
+        return statistics
 
     def _dtypes(self) -> dict[str, str]:
         return {e.component: str(next(e.layout.model.parameters()).dtype).removeprefix("torch.") for e in self.encoders}
