@@ -109,6 +109,31 @@ def test_evaluate_edits_compares_the_same_seeds_before_and_after_and_restores_th
     assert grid.height == 2 * 3 * 16 and grid.width > 3 * 16
 
 
+def test_a_baseline_evaluation_gives_the_before_figures_without_drawing_them_again(editor, pipe, monkeypatch):
+    from diffusers_emcid.evaluation import metrics
+
+    first, second = editor.edit([("dog", "cat")]), editor.edit([("dog", "car")])
+    prompts = [
+        EvaluationPrompt("a photo of dog", "efficacy", "dark", "bright", seed=3),
+        EvaluationPrompt("a red car", "specificity", "bright", seed=7),
+    ]
+    baseline = evaluate_edits(pipe, first, BrightnessJudge(), prompts, num_images=2, progress=False, **SAMPLING)
+    full = evaluate_edits(pipe, second, BrightnessJudge(), prompts, num_images=2, progress=False, **SAMPLING)
+    drawn = []
+    original = metrics.draw_prompt_images
+    monkeypatch.setattr(metrics, "draw_prompt_images", lambda *a, **k: drawn.append(a[1]) or original(*a, **k))
+    reused = evaluate_edits(
+        pipe, second, BrightnessJudge(), prompts, num_images=2, progress=False, baseline=baseline, **SAMPLING
+    )
+    assert len(drawn) == 1, "only the images after the edit are drawn"
+    assert reused.rows == full.rows and reused.summary == full.summary
+    assert [before for before, _ in reused.images.values()] == [before for before, _ in full.images.values()]
+    with pytest.raises(ValueError, match="no figures of 'a photo of dog'.*num_images=3"):
+        evaluate_edits(
+            pipe, second, BrightnessJudge(), prompts, num_images=3, progress=False, baseline=baseline, **SAMPLING
+        )
+
+
 def test_images_drawn_together_equal_images_drawn_one_prompt_at_a_time(pipe):
     import numpy as np
 

@@ -162,6 +162,7 @@ def evaluate_edits(
     adapter_name: str = "emcid-evaluation",
     keep_images: bool = True,
     progress: bool = True,
+    baseline: EditEvaluation | None = None,
     **sampling: object,
 ) -> EditEvaluation:
     """Draws every prompt's images without and with `edits` (same seeds), judges them, and computes the metrics.
@@ -178,6 +179,8 @@ def evaluate_edits(
         images_per_call: images drawn in one pipeline call (all prompts of a phase are drawn together); lower it
             if a call runs out of memory.
         keep_images: keep the images in the result (for `image_grid`).
+        baseline: an earlier evaluation of the same pipeline with these prompts, `num_images` and sampling, whose
+            "before" figures (and images) are taken instead of drawing them again, e.g. to compare several edits.
         sampling: keyword arguments of the pipeline call (steps, guidance, size).
     """
     if not prompts:
@@ -190,9 +193,13 @@ def evaluate_edits(
                 concept_labels(judge.labels, concept)
     if images_per_call < 1:
         raise ValueError(f"images_per_call={images_per_call} must be at least 1.")
+    earlier = _baseline_rows(baseline, prompts, num_images) if baseline is not None else None
+    states = ("before", "after") if earlier is None else ("after",)
     phases: list[list[list[Image.Image]]] = []  # per phase (before, after): per prompt, its images
-    bar = tqdm(total=2 * len(prompts) * num_images, desc="EMCID evaluation", unit="image", disable=not progress)
-    for state in ("before", "after"):
+    bar = tqdm(
+        total=len(states) * len(prompts) * num_images, desc="EMCID evaluation", unit="image", disable=not progress
+    )
+    for state in states:
         if state == "after":
             edits.apply(pipe, name=adapter_name)
         try:
@@ -210,11 +217,15 @@ def evaluate_edits(
             if state == "after":
                 edits.remove(pipe, name=adapter_name)
     bar.close()
+    if earlier is not None:
+        phases.insert(0, [baseline.images.get(row["prompt"], ([], []))[0] for row in earlier])
     drawn = list(zip(*phases))  # per prompt: (before, after)
     rows = []
-    for item, images in zip(prompts, drawn):
-        row: dict[str, object] = asdict(item)
-        for state, state_images in zip(("before", "after"), images):
+    for index, (item, images) in enumerate(zip(prompts, drawn)):
+        row: dict[str, object] = {**asdict(item), "num_images": num_images}
+        if earlier is not None:
+            row.update({key: earlier[index][key] for key in ("source_before", "destination_before")})
+        for state, state_images in zip(states, images[-len(states) :]):
             probabilities = judge(state_images)
             row[f"source_{state}"] = float(concept_probability(probabilities, judge.labels, item.source).mean())
             row[f"destination_{state}"] = (
@@ -225,6 +236,27 @@ def evaluate_edits(
         rows.append(row)
     kept = {item.prompt: (images[0], images[1]) for item, images in zip(prompts, drawn)} if keep_images else {}
     return EditEvaluation(rows, summarize(rows), kept)
+
+
+def _baseline_rows(
+    baseline: EditEvaluation, prompts: Sequence[EvaluationPrompt], num_images: int
+) -> list[dict[str, object]]:
+    """The rows of `baseline` for `prompts`, in their order.
+
+    Raises:
+        ValueError: naming a prompt that `baseline` did not evaluate the same way.
+    """
+    rows = {(row["prompt"], row["seed"], row["source"], row["destination"]): row for row in baseline.rows}
+    chosen = []
+    for item in prompts:
+        row = rows.get((item.prompt, item.seed, item.source, item.destination))
+        if row is None or row.get("num_images") != num_images:
+            raise ValueError(
+                f"The baseline evaluation has no figures of {item.prompt!r} (seed {item.seed}) with "
+                f"num_images={num_images}; evaluate it with the same prompts and num_images, or pass no baseline."
+            )
+        chosen.append(row)
+    return chosen
 
 
 def summarize(rows: Sequence[dict[str, object]]) -> dict[str, dict[str, float]]:
