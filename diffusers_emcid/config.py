@@ -592,3 +592,16 @@ PRESETS: dict[str, dict[str, Any]] = {
         statistics_regularization=1e-4,
     ),
 }
+# The shipped many-concept model (`diffusers_emcid.shapes.names`): the shapes model's settings, with key statistics
+# over all of its 1,944 captions (`names_statistics_captions`: every name under every name template, and the
+# shapes captions), 20 steps on one training image per template drawn with 10 sampler steps, 32 concepts at a time.
+# Measured on 16 names (benchmarks/README.md): efficacy 0.81 at 1.6 s per concept, against 0.82 at 2.7 s with the
+# shapes preset's 30 steps, 2 images per template and 20 sampler steps.
+PRESETS["shapes-names"] = {
+    **PRESETS["shapes-demo"],
+    "num_steps": 20,
+    "samples_per_prompt": 1,
+    "image_num_inference_steps": 10,
+    "concept_batch_size": 32,
+    "statistics_num_samples": 1944,
+}

@@ -26,6 +26,7 @@ LAYERS = [
         "shapes",
         "shapes.checks",
         "shapes.evaluate",
+        "shapes.names",
         "",
     },
 ]
