@@ -20,7 +20,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from .config import EMCIDConfig, LayerSpec, Stage
-from .demo import DEMO_NUM_IMAGES, run_demo
+from .demo import DEMO_NUM_IMAGES, MASSIVE_NUM_CONCEPTS, run_demo, run_massive_demo
 from .editor import EMCIDEditor
 from .edits import ConceptEdits
 from .errors import ConceptEditsLoadError, EMCIDNumericalError
@@ -29,12 +29,13 @@ from .families import pipeline_family
 from .key_statistics import CAPTIONS_ENV_VAR, DEFAULT_CAPTIONS, HUB_URL_PREFIX, default_captions, load_captions
 from .requests import ConceptEdit
 from .shapes import shapes_judge_path, shapes_model_path
+from .shapes.names import names_model_path
 
 EXIT_BAD_INPUT, EXIT_NUMERICAL, EXIT_INTERRUPTED = 2, 3, 130
 SHAPES_MODEL = "shapes"
-"""`--model shapes` names the small shapes pipeline the package ships."""
-SHAPES_PRESET = "shapes-demo"
-"""The preset of edits on the shapes model."""
+"""`--model shapes` names the small shapes pipeline the package ships (`--judge shapes` its judge)."""
+BUNDLED_MODELS = {"shapes": (shapes_model_path, "shapes-demo"), "shapes-names": (names_model_path, "shapes-names")}
+"""`--model` names of the pipelines the package ships: their folder and the preset of edits on them."""
 OWN_OPTIONS = ("preset", "device", "dtype")
 """`EMCIDConfig` fields with options of their own: `--preset` picks the preset, `--device` and `--dtype` also load the
 model. Every other field has an option derived from its type and `metadata["help"]`."""
@@ -84,7 +85,7 @@ def load_pairs(path: str | os.PathLike) -> list[ConceptEdit]:
 
 def load_pipeline(model: str, device: str | None, dtype: str | None) -> DiffusionPipeline:
     """The pipeline of a model id or folder (or the shipped shapes model), on `device` in `dtype`."""
-    source = shapes_model_path() if model == SHAPES_MODEL else model
+    source = BUNDLED_MODELS[model][0]() if model in BUNDLED_MODELS else model
     # float32 is diffusers' default; only other dtypes are passed (as `torch_dtype`, which older diffusers need)
     loading = {"torch_dtype": getattr(torch, dtype)} if dtype else {}
     try:
@@ -93,7 +94,7 @@ def load_pipeline(model: str, device: str | None, dtype: str | None) -> Diffusio
         raise CommandError(
             f"cannot load the model {model!r}: {str(error).splitlines()[0]}\n"
             "Give a diffusers model folder, a Hub id you "
-            f"can download (or have in your cache), or '{SHAPES_MODEL}' for the model this package ships."
+            f"can download (or have in your cache), or one of {list(BUNDLED_MODELS)} for the models this package ships."
         ) from error
     return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
@@ -159,7 +160,8 @@ def make_config(args: argparse.Namespace, pipe) -> EMCIDConfig:
     }
     if getattr(args, "dtype", None) in ("float16", "bfloat16"):
         overrides["dtype"] = args.dtype
-    preset = args.preset or (SHAPES_PRESET if args.model == SHAPES_MODEL else pipeline_family(pipe).default_preset)
+    bundled = BUNDLED_MODELS.get(args.model)
+    preset = args.preset or (bundled[1] if bundled else pipeline_family(pipe).default_preset)
     return EMCIDConfig.from_preset(preset, **overrides)
 
 
@@ -186,7 +188,7 @@ def command_stats(args: argparse.Namespace) -> None:
         covariances = editor.compute_statistics(read_captions(args.captions or default_captions(), args.column))
     for component, layers in covariances.items():
         print(f"{component}: statistics of layers {sorted(layers)} cached under {editor.cache.root / 'statistics'}")
-    base_model = None if args.model == SHAPES_MODEL or Path(args.model).exists() else args.model  # Hub ids only
+    base_model = None if args.model in BUNDLED_MODELS or Path(args.model).exists() else args.model  # Hub ids only
     if args.save:
         print(f"saved to {editor.save_statistics(args.save, base_model)}")
     if args.push:
@@ -247,7 +249,15 @@ def command_export(args: argparse.Namespace) -> None:
 
 
 def command_demo(args: argparse.Namespace) -> None:
-    run_demo(Path(args.out), num_images=args.num_images, device=args.device, cache_dir=args.cache_dir)
+    if args.massive:
+        run_massive_demo(
+            Path(args.out or "demo-massive"),
+            num_concepts=args.num_concepts,
+            device=args.device,
+            cache_dir=args.cache_dir,
+        )
+    else:
+        run_demo(Path(args.out or "demo"), num_images=args.num_images, device=args.device, cache_dir=args.cache_dir)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -266,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument(
             "--model",
             required=True,
-            help=f"a diffusers model id or folder (SD 1.x/2.x, SD-XL), or '{SHAPES_MODEL}' for the bundled model",
+            help=f"a diffusers model id or folder (SD 1.x/2.x, SD-XL), or a bundled model: {', '.join(BUNDLED_MODELS)}",
         )
         sub.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
         sub.add_argument(
@@ -291,15 +301,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = add(
         "demo",
-        "edit 'circle' -> 'square' in the bundled shapes model, offline, and show the before/after",
+        "edit 'circle' -> 'square' in the bundled shapes model, offline, and show the before/after "
+        "(--massive: rebind 100 names of the bundled many-concept model at once)",
         command_demo,
     )
-    demo.add_argument("--out", default="demo", help="folder for before_after.png and the metrics (default: demo)")
+    demo.add_argument(
+        "--out", default=None, help="folder for before_after.png and the metrics (default: demo, demo-massive)"
+    )
     demo.add_argument(
         "--num-images",
         type=int,
         default=DEMO_NUM_IMAGES,
-        help=f"images per evaluation prompt (default: {DEMO_NUM_IMAGES})",
+        help=f"images per evaluation prompt (default: {DEMO_NUM_IMAGES}; not with --massive)",
+    )
+    demo.add_argument(
+        "--massive", action="store_true", help="rebind many names of the many-concept model in one edit instead"
+    )
+    demo.add_argument(
+        "--num-concepts",
+        type=int,
+        default=MASSIVE_NUM_CONCEPTS,
+        help=f"names to rebind with --massive (1-400, default: {MASSIVE_NUM_CONCEPTS})",
     )
     demo.add_argument("--device", default="cpu")
     demo.add_argument("--cache-dir", default=None)

@@ -1,8 +1,9 @@
-"""`emcid demo`: edit "circle" into "square" in the shipped shapes model, offline, and measure it.
+"""`emcid demo`: edit "circle" into "square" in the shipped shapes model, offline, and measure it; `emcid demo
+--massive`: rebind 100 names of the shipped many-concept model at once.
 
 Statistics, stage 1 and stage 2 run on the bundled pipeline; the shipped judge then reads images drawn
 with the same seeds before and after the edit, for the edit's own prompts, held-out phrasings and
-prompts of other shapes that must stay as they were.
+prompts of other concepts that must stay as they were.
 """
 
 from __future__ import annotations
@@ -16,6 +17,14 @@ from .editor import EMCIDEditor
 from .evaluation import EditEvaluation, EvaluationPrompt, ImageClassifierJudge, evaluate_edits
 from .requests import ConceptEdit
 from .shapes import SAMPLING, load_shapes_pipeline, shapes_judge_path, statistics_captions
+from .shapes.names import (
+    load_names_pipeline,
+    names_statistics_captions,
+    rebinding_metrics,
+    rebinding_plan,
+    rebinding_prompts,
+    rebinding_requests,
+)
 
 DEMO_PRESET = "shapes-demo"
 EDIT = ConceptEdit(
@@ -54,6 +63,13 @@ leaves the 95% (Wilson) intervals far apart, [0, 0.24] and [0.76, 1]; generality
 60, each compared image by image with the same seed before and after."""
 IMAGES_PER_CALL = 64
 """Images drawn in one pipeline call (32x32 images: memory is no concern)."""
+MASSIVE_PRESET = "shapes-names"
+MASSIVE_NUM_CONCEPTS = 100
+MASSIVE_EVALUATED_NAMES = 16
+MASSIVE_CONTROL_NAMES = 16
+"""`emcid demo --massive` draws images of 16 of its edited names under 4 training and 4 held-out templates, of 16
+never edited names under the training templates and of the 36 plain prompts: 228 prompts, one image each, before
+and after (`benchmarks/bench_massive.py` measures more)."""
 
 
 def run_demo(
@@ -120,3 +136,66 @@ def demo_report(result: EditEvaluation, edit_seconds: float, evaluation_seconds:
         f"picture: {folder / 'before_after.png'}; metrics: {folder / 'metrics.json'}",
     ]
     return "\n".join(lines)
+
+
+def run_massive_demo(
+    out: str | os.PathLike = "demo-massive",
+    num_concepts: int = MASSIVE_NUM_CONCEPTS,
+    evaluated_names: int = MASSIVE_EVALUATED_NAMES,
+    device: str = "cpu",
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Rebinds `num_concepts` names of the many-concept model to new (colour, shape) pairs in one edit, measures
+    efficacy, generality and specificity (`shapes.names.rebinding_metrics`) and writes `before_after.png`,
+    `metrics.json` and `metrics.md` into `out`.
+
+    Returns:
+        The figures of `rebinding_metrics` and the timings; they are also printed.
+    """
+    started = time.perf_counter()
+    edited, controls, destinations = rebinding_plan()
+    if not 1 <= num_concepts <= len(edited):
+        raise ValueError(f"num_concepts={num_concepts}: choose 1 to {len(edited)} names to rebind.")
+    pipe = load_names_pipeline(device=device)
+    judge = ImageClassifierJudge.from_pretrained(shapes_judge_path(), device=device, local_files_only=True)
+    config = EMCIDConfig.from_preset(MASSIVE_PRESET, device=device)
+    editor = EMCIDEditor(pipe, config, cache_dir=cache_dir, progress=progress)
+    editor.compute_statistics(names_statistics_captions())
+    names = edited[:num_concepts]
+    edits = editor.edit(rebinding_requests(names, destinations))
+    edited_seconds = time.perf_counter() - started
+    prompts = rebinding_prompts(names[:evaluated_names], destinations, controls[:MASSIVE_CONTROL_NAMES])
+    result = evaluate_edits(
+        pipe, edits, judge, prompts, num_images=1, images_per_call=IMAGES_PER_CALL, progress=progress, **SAMPLING
+    )
+    folder = Path(out)
+    result.save(folder)
+    shown = [p.prompt for p in prompts if p.group == "efficacy"][:: len(prompts) // 40 or 1][:12]
+    result.image_grid(shown, max_images=1, cell=48).save(folder / "before_after.png")
+    figures = rebinding_metrics(result)
+    figures.update(edit_seconds=edited_seconds, evaluation_seconds=time.perf_counter() - started - edited_seconds)
+    print(massive_demo_report(figures, num_concepts, folder))
+    return figures
+
+
+def massive_demo_report(figures: dict[str, float], num_concepts: int, folder: Path) -> str:
+    """The summary of `run_massive_demo`."""
+    return "\n".join(
+        [
+            f"EMCID demo: {num_concepts} names of the shipped many-concept model rebound to new pairs in one edit",
+            "",
+            f"efficacy     P(new pair | training templates)     before {figures['efficacy_before']:.2f}   "
+            f"after {figures['efficacy']:.2f}",
+            f"generality   P(new pair | held-out templates)     before {figures['generality_before']:.2f}   "
+            f"after {figures['generality']:.2f}",
+            f"specificity  drop of P(own pair), control names   {figures['specificity_drop_names']:+.1f} points "
+            f"(before {figures['control_names_before']:.2f})",
+            f"specificity  drop of P(own pair), plain prompts   {figures['specificity_drop_plain']:+.1f} points "
+            f"(before {figures['plain_prompts_before']:.2f})",
+            "",
+            f"edit (statistics, stage 1, stage 2): {figures['edit_seconds']:.0f} s; evaluation: "
+            f"{figures['evaluation_seconds']:.0f} s",
+            f"picture: {folder / 'before_after.png'}; metrics: {folder / 'metrics.json'}",
+        ]
+    )

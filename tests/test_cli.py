@@ -164,6 +164,7 @@ def test_eval_writes_metrics_and_picture(model_dir, files, tmp_path, capsys):
         ),
         (["stats", "--model", "{model}", "--captions", "{tmp}/none.txt"], "captions file .* does not exist"),
         (["push", "{tmp}/not-a-folder", "me/x"], "is not a folder"),
+        (["demo", "--massive", "--num-concepts", "401", "--out", "{tmp}/o"], "num_concepts=401: choose 1 to 400"),
     ],
 )
 def test_bad_input_exits_2_with_a_message_that_names_it(argv, message, model_dir, files, tmp_path, capsys):
