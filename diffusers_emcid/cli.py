@@ -84,7 +84,7 @@ def load_pairs(path: str | os.PathLike) -> list[ConceptEdit]:
 
 
 def load_pipeline(model: str, device: str | None, dtype: str | None) -> DiffusionPipeline:
-    """The pipeline of a model id or folder (or the shipped shapes model), on `device` in `dtype`."""
+    """The pipeline of a model id or folder (or a model the package ships), on `device` in `dtype`."""
     source = BUNDLED_MODELS[model][0]() if model in BUNDLED_MODELS else model
     # float32 is diffusers' default; only other dtypes are passed (as `torch_dtype`, which older diffusers need)
     loading = {"torch_dtype": getattr(torch, dtype)} if dtype else {}

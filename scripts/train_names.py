@@ -30,10 +30,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
-from train_shapes import log, zero_attention_outputs
+from train_shapes import frozen_attention_step, log
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from diffusers_emcid.encoders import find_text_encoder_layout
 from diffusers_emcid.shapes import COLOURS, SHAPES, load_shapes_pipeline
 from diffusers_emcid.shapes.checks import pipeline_token_ids
 from diffusers_emcid.shapes.names import NAME_TEMPLATES, PAIR_TEMPLATES
@@ -166,11 +165,6 @@ def train_names_encoder(
     student = widened_encoder(teacher, width, seed)
     optimizer = torch.optim.AdamW(student.parameters(), lr=2e-3, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps, pct_start=0.1)
-    frozen = [
-        p
-        for layer in find_text_encoder_layout(student).layers[:zero_layers]
-        for p in layer.self_attn.out_proj.parameters()
-    ]
     began = time.time()
     for step in range(steps):
         plain, name_captions, pair_captions = distillation_batch(tokenizer, names, batch_size, seed * 1_000_003 + step)
@@ -184,13 +178,7 @@ def train_names_encoder(
         learned, target = aligned_states(states[batch_size:], pair_states, name_ids, tokenizer.eos_token_id)
         name_loss = F.mse_loss(learned, target)
         loss = plain_loss + name_loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        for p in frozen:
-            p.grad = None
-        optimizer.step()
-        scheduler.step()
-        zero_attention_outputs(student, zero_layers)
+        frozen_attention_step(student, loss, optimizer, scheduler, zero_layers)
         if step % 50 == 0 or step == steps - 1:
             rate = (time.time() - began) / (step + 1)
             log(f"encoder step {step}: plain {plain_loss.item():.5f} names {name_loss.item():.5f} ({rate:.2f} s/step)")

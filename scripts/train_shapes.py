@@ -162,6 +162,24 @@ def zero_attention_outputs(encoder: CLIPTextModel, num_layers: int) -> None:
             layer.self_attn.out_proj.bias.zero_()
 
 
+def frozen_attention_step(
+    encoder: CLIPTextModel,
+    loss: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    zero_layers: int,
+) -> None:
+    """One optimiser step on `loss` that keeps the attention output of the first `zero_layers` layers at zero."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    for layer in find_text_encoder_layout(encoder).layers[:zero_layers]:
+        for parameter in layer.self_attn.out_proj.parameters():
+            parameter.grad = None
+    optimizer.step()
+    scheduler.step()
+    zero_attention_outputs(encoder, zero_layers)
+
+
 def train_text_encoder(
     tokenizer: CLIPTokenizer, seed: int, steps: int, zero_layers: int, batch_size: int = 256
 ) -> CLIPTextModel:
@@ -175,11 +193,6 @@ def train_text_encoder(
     parameters = list(encoder.parameters()) + list(heads.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=3e-3, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps, pct_start=0.1)
-    frozen = [
-        p
-        for layer in find_text_encoder_layout(encoder).layers[:zero_layers]
-        for p in layer.self_attn.out_proj.parameters()
-    ]
     for step in range(steps):
         shapes, colours, captions = draw_captions(batch_size, seed * 1_000_003 + step)
         ids = pipeline_token_ids(tokenizer, captions)
@@ -191,13 +204,7 @@ def train_text_encoder(
         loss = F.cross_entropy(heads["shape"](states), shapes.repeat_interleave(counts)) + F.cross_entropy(
             heads["colour"](states), colours.repeat_interleave(counts)
         )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        for p in frozen:
-            p.grad = None
-        optimizer.step()
-        scheduler.step()
-        zero_attention_outputs(encoder, zero_layers)
+        frozen_attention_step(encoder, loss, optimizer, scheduler, zero_layers)
         if step % 100 == 0 or step == steps - 1:
             log(f"text encoder step {step}: loss {loss.item():.4f}")
     return encoder.eval().requires_grad_(False)
