@@ -225,6 +225,10 @@ def main() -> None:
     for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):  # the shipped files, not tokenizer.json
         (out / "tokenizer" / name).write_bytes((Path(base.name_or_path) / "tokenizer" / name).read_bytes())
     (out / "tokenizer" / "tokenizer.json").unlink(missing_ok=True)
+    for path in out.glob("*/config.json"):  # the shapes model's components name the local folder they came from
+        config = json.loads(path.read_text())
+        if config.pop("_name_or_path", None) is not None:
+            path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     (out / "bindings.json").write_text(
         json.dumps({"seed": args.seed, "bindings": {w: list(p) for w, p in names.items()}}, indent=1) + "\n"
     )
