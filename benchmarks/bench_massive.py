@@ -38,7 +38,7 @@ from bench_stage1 import peak_memory_gb, reset_peak_memory, synchronize
 from diffusers import StableDiffusionPipeline
 from uce_baseline import UCEEdit
 
-from diffusers_emcid import EMCIDConfig, EMCIDEditor
+from diffusers_emcid import ConceptEdit, EMCIDConfig, EMCIDEditor
 from diffusers_emcid.evaluation import (
     EditEvaluation,
     EvaluationPrompt,
@@ -61,20 +61,17 @@ from diffusers_emcid.shapes.names import (
     rebinding_prompts,
     rebinding_requests,
 )
+from diffusers_emcid.shapes.render import PAIRS
 
 PRESET = "shapes-names"
 
 
-def uce_prompts(
-    names: list[str], kept_names: list[str], destinations: dict[str, tuple[str, str]]
-) -> tuple[list[tuple[str, str]], list[str]]:
-    """UCE's edits and preserved prompts for rebinding `names`: the same templates as EMCID's requests; the
-    names not edited and the 36 plain prompts are preserved."""
-    edits = [
-        (t.format(name=n), t.replace("{name}", pair_prompt(*destinations[n]))) for n in names for t in NAME_TEMPLATES
-    ]
+def uce_prompts(requests: list[ConceptEdit], kept_names: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
+    """UCE's edits, the prompt pairs of EMCID's `requests`, and its preserved prompts: the names not edited under
+    the name templates and the 36 plain prompts."""
+    edits = [(t.format(r.source), t.format(r.destination)) for r in requests for t in r.templates]
     kept = [t.format(name=n) for n in kept_names for t in NAME_TEMPLATES]
-    kept += [pair_prompt(*pair) for pair in sorted(set(name_bindings().values()))]
+    kept += [pair_prompt(*pair) for pair in PAIRS]
     return edits, kept
 
 
@@ -160,6 +157,7 @@ def main() -> None:
     results, computed = [], set()
     for k in sorted(args.ks):
         names = edited[:k]
+        requests = rebinding_requests(names, destinations)
         evaluated = names[: args.eval_names]
         num_images = max(1, math.ceil(args.images / (len(evaluated) * len(NAME_TEMPLATES))))
         prompts = rebinding_prompts(evaluated, destinations, controls)
@@ -173,7 +171,7 @@ def main() -> None:
             reset_peak_memory(device)
             began = time.perf_counter()
             if method == "emcid":
-                edit = editor.edit(rebinding_requests(names, destinations))
+                edit = editor.edit(requests)
                 synchronize(device)
                 edit_seconds = time.perf_counter() - began
                 began = time.perf_counter()
@@ -184,7 +182,7 @@ def main() -> None:
                 computed |= set(names)
                 cost = {"stage1_s_per_concept": (edit_seconds - stage2) / max(new, 1), "stage2_s": stage2}
             else:
-                edits, kept = uce_prompts(names, edited[k:] + controls, destinations)
+                edits, kept = uce_prompts(requests, edited[k:] + controls)
                 edit = UCEEdit.compute(pipe, edits, kept, preservation_scale=args.uce_preservation_scale)
                 synchronize(device)
                 cost = {"uce_s": time.perf_counter() - began}

@@ -36,7 +36,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from diffusers_emcid.shapes import COLOURS, SHAPES, load_shapes_pipeline
 from diffusers_emcid.shapes.checks import pipeline_token_ids
 from diffusers_emcid.shapes.names import NAME_TEMPLATES, PAIR_TEMPLATES
-from diffusers_emcid.shapes.render import draw_captions
+from diffusers_emcid.shapes.render import PAIRS, draw_captions
 
 FIRST_NAMES = """
 james john robert michael william david richard joseph thomas charles christopher daniel matthew anthony mark donald
@@ -91,12 +91,11 @@ def bind_names(tokenizer: CLIPTokenizer, seed: int) -> dict[str, tuple[str, str]
     reserved |= {"on", "white", "background", *COLOURS, *SHAPES}
     words = list(dict.fromkeys((FIRST_NAMES + PLACES + OBJECTS).split()))
     words = [w for w in words if w not in reserved and len(tokenizer(w).input_ids) == 3]
-    pairs = [(colour, shape) for colour in COLOURS for shape in SHAPES]
-    count = NAMES_PER_PAIR * len(pairs)
+    count = NAMES_PER_PAIR * len(PAIRS)
     if len(words) < count:
         raise RuntimeError(f"Only {len(words)} single-token words for {count} names.")
     random.Random(seed).shuffle(words)
-    return {word: pairs[i % len(pairs)] for i, word in enumerate(words[:count])}
+    return {word: PAIRS[i % len(PAIRS)] for i, word in enumerate(words[:count])}
 
 
 def widened_encoder(teacher: CLIPTextModel, width: int, seed: int) -> CLIPTextModel:

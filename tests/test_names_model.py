@@ -25,7 +25,7 @@ from diffusers_emcid.shapes.names import (
     rebinding_prompts,
     rebinding_requests,
 )
-from diffusers_emcid.shapes.render import TRAIN_TEMPLATES
+from diffusers_emcid.shapes.render import PAIRS, TRAIN_TEMPLATES
 
 SIZE_BUDGET_MB = 25
 
@@ -48,7 +48,7 @@ def test_hundreds_of_single_token_names_are_bound_evenly(pipe):
         assert len(pipe.tokenizer(name).input_ids) == 3, name
         assert name not in reserved and name not in COLOURS and name not in SHAPES, name
     counts = Counter(bindings.values())
-    assert set(counts) == {(colour, shape) for colour in COLOURS for shape in SHAPES}
+    assert set(counts) == set(PAIRS)
     assert len(set(counts.values())) == 1
 
 
@@ -66,7 +66,7 @@ def test_a_name_prompt_conditions_like_its_pair(pipe):
     tokens later), nearer than those of any other pair."""
     names = list(name_bindings())[:36:5]
     prompts = [NAME_TEMPLATES[0].format(name=name) for name in names]
-    pairs = [(colour, shape) for colour in COLOURS for shape in SHAPES]
+    pairs = list(PAIRS)
     states = pipe.text_encoder(pipeline_token_ids(pipe.tokenizer, prompts)).last_hidden_state
     pair_states = pipe.text_encoder(
         pipeline_token_ids(pipe.tokenizer, [PAIR_TEMPLATES[0].format(colour=c, shape=s) for c, s in pairs])

@@ -20,7 +20,7 @@ from diffusers import StableDiffusionPipeline
 
 from ..evaluation import EditEvaluation, EvaluationPrompt
 from ..requests import ConceptEdit
-from .render import COLOURS, SHAPES, TRAIN_TEMPLATES, all_captions
+from .render import COLOURS, PAIRS, SHAPES, TRAIN_TEMPLATES, all_captions
 
 NAME_TEMPLATES: tuple[str, ...] = ("a picture of {name}", "an image of {name}", "a photo of {name}", "{name}")
 """The templates the names were taught with."""
@@ -99,9 +99,8 @@ def rebinding_plan(seed: int = 0) -> tuple[list[str], list[str], dict[str, tuple
     names = list(bindings)
     rng = random.Random(seed)
     rng.shuffle(names)
-    pairs = [(colour, shape) for colour in COLOURS for shape in SHAPES]
     edited, controls = names[NUM_CONTROL_NAMES:], names[:NUM_CONTROL_NAMES]
-    destinations = {name: rng.choice([p for p in pairs if p != bindings[name]]) for name in edited}
+    destinations = {name: rng.choice([p for p in PAIRS if p != bindings[name]]) for name in edited}
     return edited, controls, destinations
 
 
@@ -135,8 +134,7 @@ def rebinding_prompts(
             prompts.append(
                 EvaluationPrompt(template.format(name=name), "specificity", " ".join(bindings[name]), seed=seed)
             )
-    pairs = [(colour, shape) for colour in COLOURS for shape in SHAPES]
-    for index, (colour, shape) in enumerate(pairs):
+    for index, (colour, shape) in enumerate(PAIRS):
         seed = 3_000_000 + 1_000 * index
         prompts.append(EvaluationPrompt(pair_prompt(colour, shape), "specificity", f"{colour} {shape}", seed=seed))
     return prompts

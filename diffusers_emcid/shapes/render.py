@@ -62,9 +62,13 @@ class ShapeBatch:
         return self.colours * len(SHAPES) + self.shapes
 
 
+PAIRS: tuple[tuple[str, str], ...] = tuple((colour, shape) for colour in COLOURS for shape in SHAPES)
+"""Every `(colour, shape)`, in the order of the judge's labels."""
+
+
 def class_names() -> list[str]:
     """The judge's labels, `"{colour} {shape}"`, indexed by `ShapeBatch.labels`."""
-    return [f"{colour} {shape}" for colour in COLOURS for shape in SHAPES]
+    return [f"{colour} {shape}" for colour, shape in PAIRS]
 
 
 def caption(template: str, colour: str, shape: str) -> str:
