@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -73,6 +74,17 @@ def uce_prompts(requests: list[ConceptEdit], kept_names: list[str]) -> tuple[lis
     kept = [t.format(name=n) for n in kept_names for t in NAME_TEMPLATES]
     kept += [pair_prompt(*pair) for pair in PAIRS]
     return edits, kept
+
+
+def by_template(rows: list[dict], names: list[str]) -> dict[str, float]:
+    """P(new pair) after the edit per template of the edited names' prompts (efficacy and generality)."""
+    names = set(names)
+    values: dict[str, list[float]] = {}
+    for row in rows:
+        if row["group"] in ("efficacy", "generality"):
+            template = " ".join("{name}" if word in names else word for word in row["prompt"].split())
+            values.setdefault(template, []).append(row["destination_after"])
+    return {template: round(statistics.fmean(v), 4) for template, v in values.items()}
 
 
 def destination_ceiling(
@@ -207,6 +219,7 @@ def main() -> None:
             row.update(rebinding_metrics(EditEvaluation(rows, summarize(rows))))
             row.update(ceiling)
             row.update(cost)
+            row["new_pair_by_template"] = by_template(rows, evaluated)
             results.append(row)
             print(json.dumps({key: round(v, 4) if isinstance(v, float) else v for key, v in row.items()}), flush=True)
     report = {

@@ -39,6 +39,12 @@ HELDOUT_NAME_TEMPLATES: tuple[str, ...] = (
 )
 """Templates never used for names (their words are known from the shapes model's captions); they measure how far
 an edit of a name generalises."""
+EDIT_NAME_TEMPLATES: tuple[str, ...] = NAME_TEMPLATES + ("picture of {name}", "a {name}")
+"""The templates of a rebinding request: the training templates, and two more so that the name stands at every
+position a short prompt puts it (1 to 4). The model's first layers see no context, so a name's keys there differ by
+position, and an edit reaches the positions its prompts cover: with the training templates alone (positions 1 and 4)
+the held-out prompts "photo of {name}" and "image of {name}" (position 3) took the new pair with P 0.55 and 0.51 at
+K = 100 (benchmarks/README.md)."""
 
 
 def names_model_path() -> Path:
@@ -105,9 +111,9 @@ def rebinding_plan(seed: int = 0) -> tuple[list[str], list[str], dict[str, tuple
 
 
 def rebinding_requests(names: list[str], destinations: dict[str, tuple[str, str]]) -> list[ConceptEdit]:
-    """One request per name: its prompts under `NAME_TEMPLATES` should draw what the same prompts with
+    """One request per name: its prompts under `EDIT_NAME_TEMPLATES` should draw what the same prompts with
     "a {colour} {shape}" of its new pair draw."""
-    templates = tuple(template.replace("{name}", "{}") for template in NAME_TEMPLATES)
+    templates = tuple(template.replace("{name}", "{}") for template in EDIT_NAME_TEMPLATES)
     return [ConceptEdit(name, pair_prompt(*destinations[name]), templates=templates, seed=0) for name in names]
 
 
