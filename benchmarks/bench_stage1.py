@@ -20,7 +20,7 @@ from the reference path's for the same concepts at equal steps.
 `--unet-channels` at `--sample-size` latents, by default sized so that one UNet forward costs about three
 text-encoder forwards (the measured ratio is printed); `sd14` is SD 1.4's architecture (860M-parameter UNet,
 512x512 images), for a GPU; `shapes` is the trained model the package ships (real shape and colour
-pairs), on which `--early-stopping-window W` also measures what early stopping saves and changes.
+pairs), on which `--stopping-interval K` also measures what the stopping rule saves and changes.
 Prints one JSON object.
 """
 
@@ -171,6 +171,37 @@ def run_mode(
     }
 
 
+def profile_step(pipe, device: torch.device, config: EMCIDConfig, batch: int, architecture: str) -> dict[str, float]:
+    """Seconds per step of each labelled part of the stage-1 step (`emcid.stage1.*`, from `torch.profiler`), per
+    concept, for one run of `batch` concepts after a warm-up run; `other` is the rest of the step (the loss, the
+    clamp, the bookkeeping)."""
+    editor = EMCIDEditor(pipe, config, progress=False)
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    requests = [make_request(architecture, 900 + n) for n in range(batch)]
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with editor._base_model():
+        stage1_module.optimize_concept_vectors(pipe, editor.encoders, requests, config, scheduler, device)
+        with torch.profiler.profile(activities=activities) as profiler:
+            stage1_module.optimize_concept_vectors(pipe, editor.encoders, requests, config, scheduler, device)
+    per_step = batch * config.num_steps
+    totals = {
+        event.key.removeprefix("emcid.stage1."): (
+            event.device_time_total if device.type == "cuda" else event.cpu_time_total
+        )
+        / 1e6
+        / per_step
+        for event in profiler.key_averages()
+        if event.key.startswith("emcid.stage1.")
+    }
+    step = totals.pop("step")
+    parts = {name: round(seconds, 5) for name, seconds in sorted(totals.items(), key=lambda item: -item[1])}
+    parts["other"] = round(step - sum(totals.values()), 5)
+    parts["step"] = round(step, 5)
+    return parts
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--architecture", choices=["mini", "sd14", "shapes"], default="mini")
@@ -188,10 +219,16 @@ def main() -> None:
     parser.add_argument("--image-steps", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
-        "--early-stopping-window",
+        "--stopping-interval",
         type=int,
         default=None,
-        help="also run the largest batch with early stopping and compare its z with the full run's",
+        help="also run the largest batch with the stopping rule and compare its z with the full run's",
+    )
+    parser.add_argument("--stopping-tolerance", type=float, default=EMCIDConfig.stopping_tolerance)
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile the parts of one step: the reference path and the fast path at the largest batch",
     )
     args = parser.parse_args()
 
@@ -229,14 +266,15 @@ def main() -> None:
             "sd1-paper", stage1_mode="fast", concept_batch_size=batch, dtype=args.fast_dtype, **settings
         )
         modes[f"fast_batch_{batch}"] = run_mode(pipe, device, config, batch, args.repeats, args.architecture)
-    if args.early_stopping_window:
+    if args.stopping_interval:
         batch = max(args.batch_sizes)
         config = EMCIDConfig.from_preset(
             "sd1-paper",
             stage1_mode="fast",
             concept_batch_size=batch,
             dtype=args.fast_dtype,
-            early_stopping_window=args.early_stopping_window,
+            stopping_interval=args.stopping_interval,
+            stopping_tolerance=args.stopping_tolerance,
             **settings,
         )
         stopped = run_mode(pipe, device, config, batch, args.repeats, args.architecture)
@@ -244,7 +282,7 @@ def main() -> None:
         stopped["max_relative_difference_of_z_vs_full_steps"] = max(
             float((z - full[n]).norm() / full[n].norm()) for n, z in stopped["_vectors"].items()
         )
-        modes[f"fast_batch_{batch}_early_stopping"] = stopped
+        modes[f"fast_batch_{batch}_stopping"] = stopped
     reference = modes["reference"].pop("_vectors")
     for name, mode in list(modes.items())[1:]:
         vectors = mode.pop("_vectors")
@@ -256,6 +294,15 @@ def main() -> None:
             modes["reference"]["seconds_per_concept_at_200_steps"] / mode["seconds_per_concept_at_200_steps"], 2
         )
     report["modes"] = modes
+    if args.profile:
+        batch = max(args.batch_sizes)
+        fast_config = EMCIDConfig.from_preset(
+            "sd1-paper", stage1_mode="fast", concept_batch_size=batch, dtype=args.fast_dtype, **settings
+        )
+        report["seconds_per_concept_step_by_part"] = {
+            "reference": profile_step(pipe, device, reference_config, 1, args.architecture),
+            f"fast_batch_{batch}": profile_step(pipe, device, fast_config, batch, args.architecture),
+        }
     print(json.dumps(report, indent=2))
 
 

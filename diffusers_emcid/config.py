@@ -82,7 +82,7 @@ class Stage1Key:
     Args:
         entry: the name of the key's entry; `None` uses the field's name. Fields that share an entry form a tuple in
             field order, and the entry is `None` while the first of them is `None` (a switch such as
-            `early_stopping_window` that turns the others off).
+            `stopping_interval` that turns the others off).
         omit: values for which the entry is left out: the behaviour from before the field existed, so that vectors
             cached then keep their keys.
     """
@@ -228,22 +228,24 @@ class EMCIDConfig:
             "stage1_key": Stage1Key("padding", omit=("longest",)),
         },
     )
-    early_stopping_window: int | None = field(
+    # The two stopping fields share the cache-key entry of the loss-window rule they replaced, which was also `None`
+    # when off, so that vectors cached without a stopping rule keep their keys.
+    stopping_interval: int | None = field(
         default=None,
         metadata={
             "help": (
-                "Stop a concept's stage 1 early when the mean loss of its last `early_stopping_window` steps is not "
-                "below the mean of the window before by at least `early_stopping_min_improvement` (relative); `None` "
-                "(the paper's setting) runs every step."
+                "Every `stopping_interval` steps, stop a concept whose delta moved by less than `stopping_tolerance` "
+                "x ||h0|| since the check before (in every text encoder): the vector has converged. `None` (the "
+                "paper's setting) runs all `num_steps`, which stay the limit."
             ),
             "stage": "stage1",
             "stage1_key": Stage1Key("early_stopping"),
         },
     )
-    early_stopping_min_improvement: float = field(
-        default=0.01,
+    stopping_tolerance: float = field(
+        default=0.05,
         metadata={
-            "help": "The relative improvement a window must bring to go on.",
+            "help": "How far (relative to ||h0||) delta may still move over an interval when a concept stops.",
             "stage": "stage1",
             "stage1_key": Stage1Key("early_stopping"),
         },
@@ -448,19 +450,14 @@ class EMCIDConfig:
                 f"EMCIDConfig.edit_weight={self.edit_weight!r} must lie strictly between 0 and 1 "
                 "(alpha = 1 drops the preservation term and makes the stage-2 system singular)."
             )
-        if self.early_stopping_window is not None and (
-            isinstance(self.early_stopping_window, bool)
-            or not isinstance(self.early_stopping_window, int)
-            or self.early_stopping_window < 1
+        if self.stopping_interval is not None and (
+            isinstance(self.stopping_interval, bool)
+            or not isinstance(self.stopping_interval, int)
+            or self.stopping_interval < 1
         ):
-            raise ValueError(
-                f"EMCIDConfig.early_stopping_window={self.early_stopping_window!r} must be an int >= 1 or None."
-            )
-        if not 0 <= self.early_stopping_min_improvement < 1:
-            raise ValueError(
-                f"EMCIDConfig.early_stopping_min_improvement={self.early_stopping_min_improvement!r} "
-                "must lie in [0, 1)."
-            )
+            raise ValueError(f"EMCIDConfig.stopping_interval={self.stopping_interval!r} must be an int >= 1 or None.")
+        if not self.stopping_tolerance > 0:
+            raise ValueError(f"EMCIDConfig.stopping_tolerance={self.stopping_tolerance!r} must be > 0.")
         if self.image_scheduler is not None and not (
             isinstance(getattr(diffusers, self.image_scheduler, None), type)
             and self.image_scheduler.endswith("Scheduler")

@@ -42,6 +42,7 @@ from typing import Sequence
 
 import torch
 from diffusers import DDPMScheduler, DiffusionPipeline
+from torch.profiler import record_function
 
 from .cache import digest
 from .conditioning import Conditioning, encode_prompts, length_mask, pad_id, padded_cat, tokenize_alike, unet_inputs
@@ -145,6 +146,7 @@ class _ConceptRun:
         self.decay_scales = [config.weight_decay / h.norm() ** 2 for h in self.h0]  # the decay is ||delta|| / ||h0||^2
         self.losses: list[float] = []
         self.clamp_hits = 0
+        self.checkpoint: list[torch.Tensor] | None = None  # the deltas at the last convergence check
         self.error: EMCIDNumericalError | None = None
 
     @property
@@ -178,13 +180,19 @@ class _ConceptRun:
                     clamped = True
         self.clamp_hits += clamped
 
-    def plateaued(self, config: EMCIDConfig) -> bool:
-        """Whether the last window of losses did not improve on the one before by the configured fraction."""
-        window = config.early_stopping_window
-        if window is None or len(self.losses) < 2 * window or len(self.losses) % window:
+    def converged(self, config: EMCIDConfig) -> bool:
+        """At every `stopping_interval`-th step: whether each delta moved by less than `stopping_tolerance * ||h0||`
+        since the check before (the first check only records the deltas)."""
+        interval = config.stopping_interval
+        if interval is None or len(self.losses) % interval:
             return False
-        last, before = sum(self.losses[-window:]), sum(self.losses[-2 * window : -window])
-        return last > (1 - config.early_stopping_min_improvement) * before
+        previous, self.checkpoint = self.checkpoint, [delta.detach().clone() for delta in self.deltas]
+        if previous is None:
+            return False
+        return all(
+            float((now - before).norm()) < config.stopping_tolerance * float(h.norm())
+            for now, before, h in zip(self.checkpoint, previous, self.h0)
+        )
 
     def result(self, encoders: list[EditedEncoder]) -> Stage1Result:
         vectors = {e.component: (h + d.detach()).cpu() for e, h, d in zip(encoders, self.h0, self.deltas)}
@@ -305,72 +313,83 @@ def optimize_concept_vectors(
     for step in range(config.num_steps):
         if not active:
             break
-        draws = [run.draw_step(noise_scheduler.config.num_train_timesteps, device) for run in active]
-        latents, noise, timesteps = (torch.cat(parts) for parts in zip(*draws))
-        latents = latents * pipe.vae.config.scaling_factor
-        noisy = noise_scheduler.add_noise(latents, noise, timesteps).to(unet.dtype)
+        with record_function("emcid.stage1.step"):
+            with record_function("emcid.stage1.draws"):
+                draws = [run.draw_step(noise_scheduler.config.num_train_timesteps, device) for run in active]
+                latents, noise, timesteps = (torch.cat(parts) for parts in zip(*draws))
+                latents = latents * pipe.vae.config.scaling_factor
+                noisy = noise_scheduler.add_noise(latents, noise, timesteps).to(unet.dtype)
 
-        with network_autocast(device, config.dtype):
-            with torch.no_grad():
-                if prediction_type == "v_prediction":
-                    true_target = noise_scheduler.get_velocity(latents, noise, timesteps)
-                else:
-                    true_target = latents if prediction_type == "sample" else noise
-                unet_target = true_target
-                if not batch.real_noise.all():
-                    unet_target = unet(
-                        noisy, timesteps, **unet_inputs(batch.target, batch.destination_mask, time_ids)
-                    ).sample
-                target_noise = torch.where(
-                    batch.real_noise[:, None, None, None], true_target, unet_target.to(true_target.dtype)
-                )
-            deltas = [torch.stack([run.deltas[e] for run in active]) for e in range(len(encoders))]  # (B, d) each
-            if fast:
-                prompt_rows = torch.arange(len(batch.owner), device=device)
-                states = [
-                    prefix.index_put((prompt_rows, positions), delta[batch.owner].to(prefix.dtype), accumulate=True)
-                    for prefix, positions, delta in zip(batch.prefix, batch.positions, deltas)
-                ]
-                edited = encode_prompts(encoders, batch.source, states=states)
-            else:
-                edited = encode_prompts(
-                    encoders, batch.source, deltas=[d[batch.owner] for d in deltas], positions=batch.positions
-                )
-            prediction = unet(noisy, timesteps, **unet_inputs(edited, batch.source_mask, time_ids)).sample
-        work_dtype = runs[0].dtype
-        losses = batch.per_concept_mean(
-            (prediction.to(work_dtype) - target_noise.to(work_dtype)).pow(2).flatten(1).mean(1)
-        )
-        for delta, scales in zip(deltas, batch.decay_scales):
-            losses = losses + scales * delta.norm(dim=1)
-        if config.text_alignment_weight > 0:
-            for pooled, target_pooled in zip(edited.pooled, batch.target.pooled):
-                terms = batch.per_concept_mean((pooled.to(work_dtype) - target_pooled.to(work_dtype)).pow(2).mean(1))
-                losses = losses + config.text_alignment_weight * batch.text_alignment * terms
-        finite = torch.isfinite(losses.detach())
-        for run, loss, ok in zip(active, losses.detach().tolist(), finite.tolist()):
-            if not ok:
-                run.error = EMCIDNumericalError(
-                    f"stage 1 of {run.request.source!r} -> {run.request.destination!r}: the loss became {loss} at step "
-                    f"{step}. Lower learning_rate (now {config.learning_rate}) or run the networks in float32 "
-                    "(dtype=None)."
-                )
-        going_on = [run for run, ok in zip(active, finite.tolist()) if ok]
-        if going_on:  # a failed concept gets no gradient, and Adam leaves parameters without one untouched
-            leaves = [delta for run in going_on for delta in run.deltas]
-            gradients = torch.autograd.grad(losses[finite].sum(), leaves)
-            for leaf, gradient in zip(leaves, gradients):
-                leaf.grad = gradient
-        optimizer.step()
-        for run, loss in zip(going_on, losses.detach()[finite].tolist()):
-            run.clamp()
-            run.losses.append(loss)
-            for delta in run.deltas:
-                delta.grad = None
-        still_running = [run for run in going_on if not run.plateaued(config)]
-        if still_running != active and still_running:
-            batch = _ActiveBatch.of(still_running, encoders, fast, device)
-        active = still_running
+            with network_autocast(device, config.dtype):
+                with torch.no_grad(), record_function("emcid.stage1.unet_target"):
+                    if prediction_type == "v_prediction":
+                        true_target = noise_scheduler.get_velocity(latents, noise, timesteps)
+                    else:
+                        true_target = latents if prediction_type == "sample" else noise
+                    unet_target = true_target
+                    if not batch.real_noise.all():
+                        unet_target = unet(
+                            noisy, timesteps, **unet_inputs(batch.target, batch.destination_mask, time_ids)
+                        ).sample
+                    target_noise = torch.where(
+                        batch.real_noise[:, None, None, None], true_target, unet_target.to(true_target.dtype)
+                    )
+                deltas = [torch.stack([run.deltas[e] for run in active]) for e in range(len(encoders))]  # (B, d) each
+                with record_function("emcid.stage1.text_encoder"):
+                    if fast:
+                        prompt_rows = torch.arange(len(batch.owner), device=device)
+                        states = [
+                            prefix.index_put(
+                                (prompt_rows, positions), delta[batch.owner].to(prefix.dtype), accumulate=True
+                            )
+                            for prefix, positions, delta in zip(batch.prefix, batch.positions, deltas)
+                        ]
+                        edited = encode_prompts(encoders, batch.source, states=states)
+                    else:
+                        edited = encode_prompts(
+                            encoders, batch.source, deltas=[d[batch.owner] for d in deltas], positions=batch.positions
+                        )
+                with record_function("emcid.stage1.unet_edited"):
+                    prediction = unet(noisy, timesteps, **unet_inputs(edited, batch.source_mask, time_ids)).sample
+            work_dtype = runs[0].dtype
+            losses = batch.per_concept_mean(
+                (prediction.to(work_dtype) - target_noise.to(work_dtype)).pow(2).flatten(1).mean(1)
+            )
+            for delta, scales in zip(deltas, batch.decay_scales):
+                losses = losses + scales * delta.norm(dim=1)
+            if config.text_alignment_weight > 0:
+                for pooled, target_pooled in zip(edited.pooled, batch.target.pooled):
+                    terms = batch.per_concept_mean(
+                        (pooled.to(work_dtype) - target_pooled.to(work_dtype)).pow(2).mean(1)
+                    )
+                    losses = losses + config.text_alignment_weight * batch.text_alignment * terms
+            finite = torch.isfinite(losses.detach())
+            values, oks = losses.detach().tolist(), finite.tolist()  # one copy to the host per step
+            for run, loss, ok in zip(active, values, oks):
+                if not ok:
+                    run.error = EMCIDNumericalError(
+                        f"stage 1 of {run.request.source!r} -> {run.request.destination!r}: the loss became {loss} "
+                        f"at step {step}. Lower learning_rate (now {config.learning_rate}) or run the networks in "
+                        "float32 (dtype=None)."
+                    )
+            going_on = [run for run, ok in zip(active, oks) if ok]
+            if going_on:  # a failed concept gets no gradient, and Adam leaves parameters without one untouched
+                leaves = [delta for run in going_on for delta in run.deltas]
+                with record_function("emcid.stage1.backward"):
+                    gradients = torch.autograd.grad(losses[finite].sum(), leaves)
+                for leaf, gradient in zip(leaves, gradients):
+                    leaf.grad = gradient
+            with record_function("emcid.stage1.optimizer"):
+                optimizer.step()
+            for run, loss in zip(going_on, [value for value, ok in zip(values, oks) if ok]):
+                run.clamp()
+                run.losses.append(loss)
+                for delta in run.deltas:
+                    delta.grad = None
+            still_running = [run for run in going_on if not run.converged(config)]
+            if still_running != active and still_running:
+                batch = _ActiveBatch.of(still_running, encoders, fast, device)
+            active = still_running
     results: list[Stage1Result | EMCIDNumericalError] = []
     for run in runs:
         result = run.error or run.result(encoders)
