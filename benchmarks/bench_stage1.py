@@ -1,7 +1,11 @@
 """Stage-1 cost: the `reference` path against the fast path at several concept batch sizes, in one run.
 
-    python benchmarks/bench_stage1.py [--architecture mini|sd14] [--device cpu|cuda] [--batch-sizes 1 4 16]
+    python benchmarks/bench_stage1.py [--architecture mini|sd14|shapes] [--device cpu|cuda] [--batch-sizes 1 4 16]
                                       [--steps 10] [--image-steps 4] [--repeats 3] [--fast-dtype bfloat16]
+                                      [--compile-unet] [--profile] [--stopping-interval 5]
+
+For SD 1.4's architecture on a GPU: `--architecture sd14 --device cuda --fast-dtype bfloat16 --batch-sizes 8 16 32`,
+with and without `--compile-unet`.
 
 * `reference`: `EMCIDConfig(stage1_mode="reference")`, one concept at a time, full text-encoder passes,
   float32: the plain path of the paper (with the images encoded once and the destination computed once);
@@ -226,6 +230,9 @@ def main() -> None:
     )
     parser.add_argument("--stopping-tolerance", type=float, default=EMCIDConfig.stopping_tolerance)
     parser.add_argument(
+        "--compile-unet", action="store_true", help="torch.compile the UNet (in place) before any timing"
+    )
+    parser.add_argument(
         "--profile",
         action="store_true",
         help="also profile the parts of one step: the reference path and the fast path at the largest batch",
@@ -242,6 +249,8 @@ def main() -> None:
 
         pipe = load_shapes_pipeline()
     pipe.to(device)
+    if args.compile_unet:
+        pipe.unet.compile()
     settings = dict(num_steps=args.steps, image_num_inference_steps=args.image_steps, device=args.device)
     report: dict[str, Any] = {
         "architecture": args.architecture,
@@ -257,6 +266,7 @@ def main() -> None:
             "repeats": args.repeats,
             "templates_per_concept": 3,
             "fast_dtype": args.fast_dtype,
+            "compiled_unet": args.compile_unet,
         },
     }
     reference_config = EMCIDConfig.from_preset("sd1-paper", stage1_mode="reference", **settings)
