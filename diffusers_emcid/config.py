@@ -243,7 +243,7 @@ class EMCIDConfig:
         },
     )
     stopping_tolerance: float = field(
-        default=0.05,
+        default=0.1,
         metadata={
             "help": "How far (relative to ||h0||) delta may still move over an interval when a concept stops.",
             "stage": "stage1",
@@ -606,7 +606,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 # Measured on 16 names (benchmarks/README.md): efficacy 0.81 at 1.6 s per concept, against 0.82 at 2.7 s with the
 # shapes preset's 30 steps, 2 images per template and 20 sampler steps. One stage-2 column per prompt: a name's
 # context-free keys differ by position, so the mean over prompts with the name at positions 1 to 4 serves none of
-# them (K = 100: efficacy 0.16 with one column per concept, 0.83 with one per prompt).
+# them (K = 100: efficacy 0.16 with one column per concept, 0.83 with one per prompt). With 6 prompts per name a
+# concept's stage 1 takes 2.1 s. Four keys per name (one per position) fit layers 0 and 1 up to about 100 names;
+# beyond, `stage2_keys="concept"` with `NAME_TEMPLATES` alone holds to 400 (benchmarks/README.md).
 PRESETS["shapes-names"] = {
     **PRESETS["shapes-demo"],
     "num_steps": 20,

@@ -45,7 +45,7 @@ CHANGED = {
     "image_training_scale": 0.5,
     "stage1_padding": "pipeline",
     "stopping_interval": 6,
-    "stopping_tolerance": 0.02,
+    "stopping_tolerance": 0.05,
     "preservation_weight": 10.0,
     "edit_weight": 0.5,
     "residual": "memit",
@@ -229,7 +229,7 @@ def test_stage1_settings_keep_their_entries():
         "image_scheduler": None,
         "image_resolution": None,
         "dtype": None,
-        "early_stopping": (5, 0.05),
+        "early_stopping": (5, 0.1),
         "padding": "pipeline",
         "training_scale": 0.5,
     }
