@@ -29,6 +29,8 @@ Where this differs from the authors' code, and why:
   generator, loss, gradient and Adam state, and the text encoders' layers up to the z layer, which the
   delta cannot change, run once per concept rather than at every step; `"reference"` keeps the plain
   one-concept, full-forward path, and both give the same vectors up to float rounding;
+- with `stopping_interval` set, a concept stops once its delta has converged (it moved by less than
+  `stopping_tolerance * ||h0||` over the last interval); the paper always runs `num_steps`;
 - SD-XL: each encoder tokenises its own prompts, destinations included (theirs reuse the first tokenizer's
   destination ids); noise is added with DDPM's schedule of the model's training betas, not the sampling
   scheduler; the time ids describe the training images' real size and crop; the second encoder's delta is
