@@ -84,7 +84,8 @@ class Recorder:
 
         def clamp(run: stage1_module._ConceptRun) -> None:
             original(run)
-            recorder.h0[run.request.source] = [h.detach().cpu() for h in run.h0]
+            if run.request.source not in recorder.h0:  # h0 never changes: copy it once
+                recorder.h0[run.request.source] = [h.detach().cpu() for h in run.h0]
             recorder.deltas.setdefault(run.request.source, []).append([d.detach().cpu().clone() for d in run.deltas])
 
         stage1_module._ConceptRun.clamp = clamp
