@@ -7,6 +7,7 @@ processes) as the last line.
 
 from __future__ import annotations
 
+import os
 import sys
 
 from accelerate import PartialState
@@ -45,7 +46,9 @@ def main() -> None:
     edits = editor.edit(REQUESTS)
     if PartialState().is_main_process:
         edits.save_pretrained(out_dir)
-    print(len(runs), flush=True)
+    # one write(2) of a few bytes to a pipe is atomic, so the lines of two processes cannot interleave
+    # (torchrun starts its workers with `python -u`, where print() writes the number and the newline separately)
+    os.write(sys.stdout.fileno(), f"{len(runs)}\n".encode())
 
 
 if __name__ == "__main__":
