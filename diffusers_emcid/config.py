@@ -602,22 +602,22 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 # The shipped many-concept model (`diffusers_emcid.shapes.names`): the shapes model's settings, with key statistics
 # over all of its 1,944 captions (`names_statistics_captions`: every name under every name template, and the
-# shapes captions), one training image per template drawn with 10 sampler steps, 32 concepts at a time, and 15
-# steps at a learning rate of 0.4 (benchmarks/README.md). One image per template and 10 sampler steps: on 16 names
-# efficacy 0.81 at 1.6 s per concept, against 0.82 at 2.7 s with the shapes preset's 2 images and 20 sampler steps.
-# Steps: on 32 names rebound at once, lr 0.4 at 15 steps gives efficacy 0.875 and generality 0.927, lr 0.2 gives
-# 0.828 / 0.920 at 20 steps and 0.884 / 0.921 at 200. One stage-2 column per prompt: a name's context-free keys
-# differ by position, so the mean over prompts with the name at positions 1 to 4 serves none of them (K = 100 at
-# lr 0.2: efficacy 0.16 with one column per concept, 0.83 with one per prompt). With 6 prompts per name a concept's
-# stage 1 takes 1.7 s; K = 100 gives efficacy 0.87 (the model's own ceiling 0.89) and generality 0.92. Four keys
-# per name (one per position) fit layers 0 and 1 up to about 100 names; beyond, `stage2_keys="concept"` with
+# shapes captions), one training image per template drawn with 5 sampler steps, 32 concepts at a time, and 15
+# steps at a learning rate of 0.4 (benchmarks/README.md). Images: on 16 names one image per template and 10 sampler
+# steps gave efficacy 0.81 at 1.6 s per concept, against 0.82 at 2.7 s with the shapes preset's 2 images and 20
+# sampler steps; on 32 names rebound at once 5 sampler steps give efficacy 0.877 and generality 0.919 at 1.7 s per
+# concept, 10 give 0.875 / 0.927 at 2.0 s. Steps (32 names, 10 sampler steps): lr 0.4 at 15 steps gives 0.875 /
+# 0.927, lr 0.2 gives 0.828 / 0.920 at 20 steps and 0.884 / 0.921 at 200. One stage-2 column per prompt: a name's
+# context-free keys differ by position, so the mean over prompts with the name at positions 1 to 4 serves none of
+# them (K = 100 at lr 0.2: efficacy 0.16 with one column per concept, 0.83 with one per prompt). Four keys per
+# name (one per position) fit layers 0 and 1 up to about 100 names; beyond, `stage2_keys="concept"` with
 # `NAME_TEMPLATES` alone holds to 400 (benchmarks/README.md).
 PRESETS["shapes-names"] = {
     **PRESETS["shapes-demo"],
     "num_steps": 15,
     "learning_rate": 0.4,
     "samples_per_prompt": 1,
-    "image_num_inference_steps": 10,
+    "image_num_inference_steps": 5,
     "concept_batch_size": 32,
     "statistics_num_samples": 1944,
     "stage2_keys": "prompt",

@@ -65,11 +65,11 @@ IMAGES_PER_CALL = 64
 """Images drawn in one pipeline call (32x32 images: memory is no concern)."""
 MASSIVE_PRESET = "shapes-names"
 MASSIVE_NUM_CONCEPTS = 100
-MASSIVE_EVALUATED_NAMES = 16
-MASSIVE_CONTROL_NAMES = 16
-"""`emcid demo --massive` draws images of 16 of its edited names under 4 training and 4 held-out templates, of 16
-never edited names under the training templates and of the 36 plain prompts: 228 prompts, one image each, before
-and after (`benchmarks/bench_massive.py` measures more)."""
+MASSIVE_EVALUATED_NAMES = 12
+MASSIVE_CONTROL_NAMES = 12
+"""`emcid demo --massive` draws images of 12 of its edited names under 4 training and 4 held-out templates, of 12
+never edited names under the training templates and of the 36 plain prompts: 180 prompts, one image each, before
+and after, 75-90 s on 2 cores (`benchmarks/bench_massive.py` measures more)."""
 
 
 def run_demo(
