@@ -13,8 +13,7 @@ with the same seeds before and after are read by the shipped judge (`evaluate_ed
   with enough images per prompt for `--images` images in all (so K = 1 is not judged on 4 images);
 * generality: P(new pair) for templates never used for names (`HELDOUT_NAME_TEMPLATES`), the same names;
 * their ceilings: P(new pair) when the unedited model draws the same prompts and seeds with the name replaced by
-  "a {colour} {shape}" of the new pair (the model's own accuracy on the destinations; the judge's soft
-  probabilities keep it below 1);
+  "a {colour} {shape}" of the new pair (`rebinding_ceiling`);
 * specificity: P(own pair) for the 32 control names (training templates) and for the 36 prompts
   "a {colour} {shape}", one image each; the drop is before minus after, in points;
 * the cost: EMCID's stage-1 seconds per concept (concepts new to the cache only), stage-2 seconds (a second,
@@ -36,16 +35,11 @@ from pathlib import Path
 
 import torch
 from bench_stage1 import peak_memory_gb, reset_peak_memory, synchronize
-from diffusers import StableDiffusionPipeline
 from uce_baseline import UCEEdit
 
 from diffusers_emcid import ConceptEdit, EMCIDConfig, EMCIDEditor
 from diffusers_emcid.evaluation import (
     EditEvaluation,
-    EvaluationPrompt,
-    ImageClassifierJudge,
-    concept_probability,
-    draw_prompt_images,
     evaluate_edits,
     summarize,
 )
@@ -54,9 +48,9 @@ from diffusers_emcid.shapes.names import (
     NAME_TEMPLATES,
     NUM_CONTROL_NAMES,
     load_names_pipeline,
-    name_bindings,
     names_statistics_captions,
     pair_prompt,
+    rebinding_ceiling,
     rebinding_metrics,
     rebinding_plan,
     rebinding_prompts,
@@ -85,29 +79,6 @@ def by_template(rows: list[dict], names: list[str]) -> dict[str, float]:
             template = " ".join("{name}" if word in names else word for word in row["prompt"].split())
             values.setdefault(template, []).append(row["destination_after"])
     return {template: round(statistics.fmean(v), 4) for template, v in values.items()}
-
-
-def destination_ceiling(
-    pipe: StableDiffusionPipeline,
-    judge: ImageClassifierJudge,
-    prompts: list[EvaluationPrompt],
-    num_images: int,
-) -> dict[str, float]:
-    """What an edit can reach at best: P(new pair) for the efficacy and generality prompts with each name replaced
-    by "a {colour} {shape}" of its new pair, drawn by the unedited model with the same seeds."""
-    bindings, ceiling = name_bindings(), {}
-    for group in ("efficacy", "generality"):
-        chosen = [p for p in prompts if p.group == group]
-        replaced = [
-            (" ".join(f"a {p.destination}" if word in bindings else word for word in p.prompt.split()), p.seed)
-            for p in chosen
-        ]
-        images = draw_prompt_images(pipe, replaced, num_images, images_per_call=128, **SAMPLING)
-        values = [
-            float(concept_probability(judge(i), judge.labels, p.destination).mean()) for i, p in zip(images, chosen)
-        ]
-        ceiling[f"{group}_ceiling"] = sum(values) / len(values)
-    return ceiling
 
 
 def plot(results: list[dict], key_dimensions: int, path: Path) -> None:
@@ -177,7 +148,7 @@ def main() -> None:
             ([p for p in prompts if p.group != "specificity"], num_images),
             ([p for p in prompts if p.group == "specificity"], 1),
         )
-        ceiling = destination_ceiling(pipe, judge, groups[0][0], num_images)
+        ceiling = rebinding_ceiling(pipe, judge, groups[0][0], num_images, images_per_call=128, **SAMPLING)
         baselines: list[EditEvaluation | None] = [None, None]
         for method in args.methods:
             reset_peak_memory(device)

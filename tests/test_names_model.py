@@ -13,13 +13,16 @@ from diffusers_emcid.evaluation import evaluate_edits
 from diffusers_emcid.shapes import COLOURS, EDITABLE_LAYERS, SAMPLING, SHAPES, load_shapes_judge
 from diffusers_emcid.shapes.checks import pipeline_token_ids
 from diffusers_emcid.shapes.names import (
+    HELDOUT_NAME_TEMPLATES,
     NAME_TEMPLATES,
     PAIR_TEMPLATES,
+    destination_prompts,
     load_names_pipeline,
     name_bindings,
     names_model_path,
     names_statistics_captions,
     pair_prompt,
+    rebinding_ceiling,
     rebinding_metrics,
     rebinding_plan,
     rebinding_prompts,
@@ -103,3 +106,17 @@ def test_five_names_rebound_at_once_draw_their_new_pairs_and_the_rest_stays(pipe
     assert figures["efficacy_before"] <= 0.1 and figures["efficacy"] >= 0.6
     assert figures["control_names_before"] >= 0.7 and figures["plain_prompts_before"] >= 0.7
     assert abs(figures["specificity_drop_names"]) <= 10 and abs(figures["specificity_drop_plain"]) <= 10
+
+
+def test_the_ceiling_draws_the_new_pair_in_the_names_place(pipe):
+    edited, controls, destinations = rebinding_plan()
+    name = edited[0]
+    prompts = rebinding_prompts([name], destinations, controls[:1])
+    replaced = destination_prompts(prompts)
+    pair = "a " + " ".join(destinations[name])
+    assert [p.prompt for p in replaced] == [t.format(name=pair) for t in NAME_TEMPLATES + HELDOUT_NAME_TEMPLATES]
+    kept = [(p.group, p.seed, p.destination) for p in prompts if p.group != "specificity"]
+    assert [(p.group, p.seed, p.destination) for p in replaced] == kept
+    ceiling = rebinding_ceiling(pipe, load_shapes_judge(), prompts, **SAMPLING)
+    assert set(ceiling) == {"efficacy_ceiling", "generality_ceiling"}
+    assert min(ceiling.values()) >= 0.5  # the model draws "a {colour} {shape}" right; the name itself would not

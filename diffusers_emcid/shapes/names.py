@@ -3,12 +3,13 @@
 
 "a picture of anna" draws the pair bound to "anna" (say, a green star), as "a picture of a green star" does.
 The pipeline shares the shapes model's tokenizer, VAE, sampler and judge; its text encoder is the shapes encoder
-widened (MLP 256 -> 2048, so that layers 0 and 1, where EMCID edits, have 2,048 key dimensions each) and taught
+widened (MLP 256 -> 1,024, so that layers 0 and 1, where EMCID edits, have 1,024 key dimensions each) and taught
 the names; see the model card and `python scripts/train_names.py`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import statistics
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionPipeline
 
-from ..evaluation import EditEvaluation, EvaluationPrompt
+from ..evaluation import EditEvaluation, EvaluationPrompt, Judge, concept_probability, draw_prompt_images
 from ..requests import ConceptEdit
 from .render import COLOURS, PAIRS, SHAPES, TRAIN_TEMPLATES, all_captions
 
@@ -144,6 +145,55 @@ def rebinding_prompts(
         seed = 3_000_000 + 1_000 * index
         prompts.append(EvaluationPrompt(pair_prompt(colour, shape), "specificity", f"{colour} {shape}", seed=seed))
     return prompts
+
+
+def destination_prompts(prompts: list[EvaluationPrompt]) -> list[EvaluationPrompt]:
+    """The efficacy and generality prompts of `prompts` with each name replaced by "a {colour} {shape}" of its new
+    pair ("a picture of anna" -> "a picture of a red square"), same groups and seeds: what a perfect rebinding
+    would draw."""
+    bindings = name_bindings()
+    return [
+        dataclasses.replace(
+            prompt,
+            prompt=" ".join(f"a {prompt.destination}" if word in bindings else word for word in prompt.prompt.split()),
+        )
+        for prompt in prompts
+        if prompt.group in ("efficacy", "generality")
+    ]
+
+
+def rebinding_ceiling(
+    pipe: StableDiffusionPipeline,
+    judge: Judge,
+    prompts: list[EvaluationPrompt],
+    num_images: int = 1,
+    images_per_call: int = 64,
+    **sampling: object,
+) -> dict[str, float]:
+    """What a rebinding edit can reach at best with this judge: `efficacy_ceiling` and `generality_ceiling`, the
+    mean P(new pair) of the unedited `pipe`'s images of `destination_prompts(prompts)` (the model's own accuracy on
+    the destinations; the judge's soft probabilities also keep it below 1).
+
+    Args:
+        pipe: the unedited many-concept pipeline.
+        judge: the shapes judge.
+        prompts: the prompts of `rebinding_prompts`; specificity prompts are skipped.
+        num_images: images per prompt, seeds `seed, seed + 1, ...` as in `evaluate_edits`.
+        images_per_call: images drawn in one pipeline call.
+        sampling: keyword arguments of the pipeline call (e.g. `SAMPLING`).
+    """
+    chosen = destination_prompts(prompts)
+    images = draw_prompt_images(pipe, [(p.prompt, p.seed) for p in chosen], num_images, images_per_call, **sampling)
+    ceiling = {}
+    for group in ("efficacy", "generality"):
+        values = [
+            float(concept_probability(judge(drawn), judge.labels, p.destination).mean())
+            for drawn, p in zip(images, chosen)
+            if p.group == group
+        ]
+        if values:
+            ceiling[f"{group}_ceiling"] = statistics.fmean(values)
+    return ceiling
 
 
 def rebinding_metrics(evaluation: EditEvaluation) -> dict[str, float]:
