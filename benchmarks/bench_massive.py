@@ -1,6 +1,7 @@
 """Massive edits, measured: rebind K names of the shipped many-concept model at once, with EMCID and with UCE.
 
     python benchmarks/bench_massive.py [--ks 1 10 50 100 200 400] [--methods emcid uce] [--out DIR]
+        [--preservation-weight LAMBDA] [--sampler-steps N] [--cache-dir DIR]
 
 The many-concept model (`diffusers_emcid.shapes.names`) binds 432 words to (colour, shape) pairs. A seeded plan
 sets 32 of them aside as controls that are never edited and gives each of the other 400 a new pair; the edit
@@ -26,6 +27,7 @@ key dimensions) in `DIR/massive.png` (needs matplotlib: `pip install matplotlib`
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import statistics
@@ -123,6 +125,15 @@ def main() -> None:
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/massive"))
+    parser.add_argument("--preservation-weight", type=float, help="EMCID's lambda (default: the preset's)")
+    parser.add_argument(
+        "--sampler-steps", type=int, default=SAMPLING["num_inference_steps"], help="DPM-Solver++ steps of every image"
+    )
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        help="a stage-1 cache to use and fill (default: a new temporary one); concepts found there cost no stage 1",
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     pipe = load_names_pipeline(device=args.device)
@@ -131,8 +142,11 @@ def main() -> None:
     if max(args.ks) > len(edited):
         parser.error(f"--ks: at most {len(edited)} names can be edited ({NUM_CONTROL_NAMES} are controls).")
     config = EMCIDConfig.from_preset(args.preset, device=args.device)
+    sampling = {**SAMPLING, "num_inference_steps": args.sampler_steps}
+    if args.preservation_weight is not None:
+        config = dataclasses.replace(config, preservation_weight=args.preservation_weight)
     cache = tempfile.TemporaryDirectory()
-    editor = EMCIDEditor(pipe, config, cache_dir=cache.name, progress=False)
+    editor = EMCIDEditor(pipe, config, cache_dir=args.cache_dir or cache.name, progress=False)
     began = time.perf_counter()
     editor.compute_statistics(names_statistics_captions())
     statistics_seconds = time.perf_counter() - began
@@ -148,7 +162,7 @@ def main() -> None:
             ([p for p in prompts if p.group != "specificity"], num_images),
             ([p for p in prompts if p.group == "specificity"], 1),
         )
-        ceiling = rebinding_ceiling(pipe, judge, groups[0][0], num_images, images_per_call=128, **SAMPLING)
+        ceiling = rebinding_ceiling(pipe, judge, groups[0][0], num_images, images_per_call=128, **sampling)
         baselines: list[EditEvaluation | None] = [None, None]
         for method in args.methods:
             reset_peak_memory(device)
@@ -180,7 +194,7 @@ def main() -> None:
                     images_per_call=128,
                     progress=False,
                     baseline=baseline,
-                    **SAMPLING,
+                    **sampling,
                 )
                 for (group, n), baseline in zip(groups, baselines)
             ]
@@ -196,11 +210,12 @@ def main() -> None:
     report = {
         "model": "diffusers_emcid.shapes.names",
         "preset": args.preset,
+        "preservation_weight": config.preservation_weight,
         "uce_preservation_scale": args.uce_preservation_scale,
         "edited_layers": editor.layers,
         "edited_key_dimensions": key_dimensions,
         "statistics_s": statistics_seconds,
-        "sampling": SAMPLING,
+        "sampling": sampling,
         "results": results,
     }
     args.out.mkdir(parents=True, exist_ok=True)

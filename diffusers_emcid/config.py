@@ -609,11 +609,13 @@ PRESETS: dict[str, dict[str, Any]] = {
 # concept, 10 give 0.875 / 0.927 at 2.0 s. Steps (32 names, 10 sampler steps): lr 0.4 at 15 steps gives 0.875 /
 # 0.927, lr 0.2 gives 0.828 / 0.920 at 20 steps and 0.884 / 0.921 at 200. One stage-2 column per prompt: a name's
 # context-free keys differ by position, so the mean over prompts with the name at positions 1 to 4 serves none of
-# them (K = 100 at lr 0.2: efficacy 0.16 with one column per concept, 0.83 with one per prompt). Four keys per
-# name (one per position) fit layers 0 and 1 up to about 100 names; beyond, `stage2_keys="concept"` with
-# `NAME_TEMPLATES` alone holds to 400 (benchmarks/README.md).
+# them (K = 100 at lr 0.2: efficacy 0.16 with one column per concept, 0.83 with one per prompt). Lambda 1000, not
+# the shapes preset's 10: K K^T grows with the number of edited keys while C is a mean, and at lambda 10 the update
+# overran what it must keep beyond 100 names (K = 200: the control names lost 38 points; with lambda 1000 1.9 at
+# efficacy 0.86, and at K = 400 1.2 at efficacy 0.89; K = 100: efficacy 0.873 either way; benchmarks/README.md).
 PRESETS["shapes-names"] = {
     **PRESETS["shapes-demo"],
+    "preservation_weight": 1000.0,
     "num_steps": 15,
     "learning_rate": 0.4,
     "samples_per_prompt": 1,

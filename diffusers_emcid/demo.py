@@ -74,7 +74,7 @@ and after (`benchmarks/bench_massive.py` measures more)."""
 MASSIVE_SAMPLING = {**SAMPLING, "num_inference_steps": 10}
 """`emcid demo --massive` samples in 10 DPM-Solver++ steps instead of 20: judged on `bench_massive.py`'s K = 100
 prompts, its edit scores the same at both (efficacy 0.873 against 0.873, generality 0.914 against 0.919, drops
-within 0.3 points) in half the time (about 40 s for the demo's 360 images on 2 cores)."""
+within 0.3 points) in half the time (about 30 s for the demo's 360 images on 2 cores)."""
 
 
 def run_demo(
