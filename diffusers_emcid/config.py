@@ -611,8 +611,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 # context-free keys differ by position, so the mean over prompts with the name at positions 1 to 4 serves none of
 # them (K = 100 at lr 0.2: efficacy 0.16 with one column per concept, 0.83 with one per prompt). Lambda 1000, not
 # the shapes preset's 10: K K^T grows with the number of edited keys while C is a mean, and at lambda 10 the update
-# overran what it must keep beyond 100 names (K = 200: the control names lost 38 points; with lambda 1000 1.9 at
-# efficacy 0.86, and at K = 400 1.2 at efficacy 0.89; K = 100: efficacy 0.873 either way; benchmarks/README.md).
+# overran what it must keep beyond 100 names (K = 200: the control names lost 38 points; with lambda 1000 1.3 at
+# efficacy 0.86, and at K = 400 0.3 at efficacy 0.89; K = 100: efficacy 0.87 either way; benchmarks/README.md).
 PRESETS["shapes-names"] = {
     **PRESETS["shapes-demo"],
     "preservation_weight": 1000.0,
